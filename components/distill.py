@@ -1,0 +1,14 @@
+"""KFP adapter of stage 3, function-matching distillation."""
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from components import image
+
+
+@dsl.component(base_image=image("cuda"), install_kfp_package=False)
+def distill(config: str, dataset: Input[Dataset], teacher: Input[Model], checkpoint_root: str,
+            accelerator: str, num_accelerators: int, student: Output[Model]):
+    """Distils the teacher into the student; resumes from checkpoint_root after a preemption."""
+    from funmatch import tasks
+
+    tasks.distill(config, dataset, teacher, checkpoint_root, accelerator, num_accelerators, student)

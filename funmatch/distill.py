@@ -1,0 +1,178 @@
+"""Stage 3, distillation by function matching (Beyer et al. 2022), one readable loop.
+
+Every step: take the next batch of the seeded data stream, make the setup's views on the training
+device (`funmatch`: one inception crop + flip, resized for each model, plus mixup of the batch with
+itself rolled by one), run the frozen teacher online (eval mode, WS folded, no grad), and fit the
+student to it with t²·KL(teacher ‖ student) — no label term — using Adam with global-norm clipping,
+decoupled weight decay on kernels and warmup + cosine. The loss is read back only every
+`log_every` steps, so the step never waits on the host. Checkpoints go to `checkpoint_dir` by step
+and by time; a SIGTERM (preemption) saves one and exits non-zero so the task retry resumes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from funmatch import augment, data, models, optim, runtime, storage
+from funmatch.checkpoint import CheckpointManager
+from funmatch.config import Config, split_uris
+from funmatch.errors import ConfigError, DataError
+from funmatch.evaluate import distances, predict
+from funmatch.losses import ensemble_logits, kd_loss
+
+log = logging.getLogger("funmatch.distill")
+PREEMPTED_EXIT = 143  # 128 + SIGTERM
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_Preemption":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, no preemption checkpoint
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path,
+        checkpoint_dir: str = "", allow_config_change: bool = False) -> dict:
+    """Distils the teacher artifact into a student artifact in `out_dir`; returns its info."""
+    clock = runtime.Stopwatch()
+    device = runtime.setup(cfg.runtime)
+    k, s, seed = cfg.distill, cfg.student, cfg.runtime.seed
+
+    # Data: the train split resident on the device as uint8 (views are made there, per batch).
+    manifest = data.read_manifest(dataset_dir)
+    images_np, _ = data.load_split(dataset_dir, "train")
+    images = torch.from_numpy(images_np).to(device)
+    n = len(images)
+    steps = optim.total_steps(k.epochs, n, k.batch_size)
+    if k.warmup_steps >= steps:
+        raise ConfigError(f"distill.warmup_steps={k.warmup_steps} is not allowed: this run has only {steps} "
+                          f"steps ({k.epochs} epochs × {n} images / batch {k.batch_size}); expected fewer")
+
+    # Teacher(s): frozen, eval mode, outside the optimizer and the checkpoints.
+    teachers, t_info = models.load_bundle(teacher_dir, device)
+    if t_info["classes"] != manifest["classes"]:
+        raise DataError(f"teacher classes {t_info['classes'][:5]}... differ from the dataset's "
+                        f"{manifest['classes'][:5]}...")
+    teachers = [models.freeze(t) for t in teachers]
+    t_res = t_info["resolution"]
+
+    # Student: from scratch with a zero head (the paper's default), optimizer, schedule.
+    student = models.create_model(s.arch, manifest["num_classes"], stem_pool=s.stem_pool, zero_head=s.zero_head,
+                                  device=device)
+    if split_uris(s.init):
+        models.load_init(student, s.arch, storage.fetch(s.init, Path(out_dir).parent / ".cache"), load_head=False)
+        student.to(device)
+    opt = optim.distill_optimizer(student, k.lr, k.weight_decay, k.optimizer)
+    forward = torch.compile(student) if cfg.runtime.compile else student
+    amp = runtime.autocast(device, cfg.runtime.precision)
+
+    def teach(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), amp:
+            return ensemble_logits([t(x).float() for t in teachers])
+
+    # `fixed`: the teacher's targets once per image, on the central crop, reused every step.
+    fixed_logits = None
+    if k.setup == "fixed":
+        fixed_logits = predict(teachers, images.cpu(), t_res, cfg.eval, device).to(device)
+
+    # Validation set for curves during training (teacher logits computed once).
+    val_eval = None
+    if k.eval_every:
+        vx, vy = data.load_split(dataset_dir, "val")
+        vx, vy = torch.from_numpy(vx), torch.from_numpy(vy)
+        val_eval = vx, vy, predict(teachers, vx, t_res, cfg.eval, device)
+
+    # Resume from the newest valid checkpoint.
+    start, history = 0, []
+    ckpt = None
+    if checkpoint_dir:
+        ckpt = CheckpointManager(checkpoint_dir, cfg.hash(), keep=k.keep_checkpoints,
+                                 every_steps=k.checkpoint_every_steps, every_minutes=k.checkpoint_every_minutes,
+                                 allow_config_change=allow_config_change)
+        loaded = ckpt.load_latest()
+        if loaded:
+            CheckpointManager.restore(loaded, student, opt)
+            start, history = loaded.step, loaded.meta["extra"].get("history", [])
+            log.info("resumed from %s at step %d of %d", checkpoint_dir, start, steps)
+
+    log.info("distill %s→%s, setup %s: %d steps × batch %d (%.4g epochs of %d), t=%g, lr %g, wd %g, %s→%spx on %s",
+             t_info["arch"], s.arch, k.setup, steps, k.batch_size, k.epochs, n, k.temperature, k.lr,
+             k.weight_decay, t_res, s.resolution, device)
+    student.train()
+    running, window = torch.zeros((), device=device), 0
+    bar = tqdm(total=steps * k.batch_size, initial=start * k.batch_size, desc="distill", unit="img",
+               unit_scale=True, mininterval=2, file=sys.stderr)
+    with _Preemption() as preemption:
+        for step in range(start, steps):
+            g = augment.step_generator(seed, step)
+            idx = data.batch_indices(step, k.batch_size, n, seed)
+            t_in, s_in = augment.distill_views(images[idx.to(device)], k.setup, t_res, s.resolution,
+                                               (k.crop_min_area, k.crop_max_area), g)
+            target = fixed_logits[idx.to(device)] if fixed_logits is not None else teach(t_in)
+            optim.set_lr(opt, k.lr * optim.warmup_cosine(step, k.warmup_steps, steps))
+            with amp:
+                loss = kd_loss(forward(s_in), target, k.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), k.grad_clip_norm)
+            opt.step()
+            running += loss.detach()
+            window += 1
+            bar.update(k.batch_size)
+            done = step + 1
+            if done % k.log_every == 0 or done == steps:
+                entry = {"step": done, "loss": round(running.item() / window, 5), "lr": opt.param_groups[0]["lr"]}
+                running.zero_()
+                window = 0
+                if val_eval and (done % k.eval_every == 0 or done == steps):
+                    entry |= _val_metrics(student, val_eval, s.resolution, cfg, device)
+                    student.train()
+                history.append(entry)
+                bar.set_postfix(loss=entry["loss"])
+            if ckpt and (preemption.requested or done == steps or ckpt.due(done)):
+                ckpt.save(done, student, opt, {"history": history})
+            if preemption.requested:
+                bar.close()
+                log.warning("SIGTERM: checkpoint written at step %d; exiting for the retry to resume", done)
+                sys.exit(PREEMPTED_EXIT)
+    bar.close()
+
+    student.eval()
+    info = {"role": "student", "arch": s.arch, "resolution": s.resolution, "stem_pool": s.stem_pool,
+            "classes": manifest["classes"], "crop_pct": cfg.eval.crop_pct, "teacher": t_info["arch"],
+            "teacher_resolution": t_res, "setup": k.setup, "steps": steps, "epochs": k.epochs,
+            "images_seen": steps * k.batch_size, "config_hash": cfg.hash(), "wall_s": clock()}
+    models.save_bundle(out_dir, [student.cpu()], info)
+    (Path(out_dir) / "history.json").write_text(json.dumps(history))
+    log.info("distilled %d steps in %.1fs", steps - start, info["wall_s"])
+    return info
+
+
+def _val_metrics(student, val_eval, res: int, cfg: Config, device) -> dict:
+    vx, vy, t_logits = val_eval
+    student.eval()
+    s_logits = predict([student], vx, res, cfg.eval, device)
+    d = distances(s_logits, t_logits)
+    return {"val_prec@1": round(float((s_logits.argmax(1) == vy).float().mean()), 4),
+            "val_agree@1": round(d["agree@1"], 4), "val_kl": round(d["kl"], 4)}

@@ -1,0 +1,83 @@
+"""Stage 4, evaluation as in big_vision: student and teacher on minitrain, val and test.
+
+prec@1 for both models; student–teacher distances on logits at eval preprocessing (big_vision
+`proj.distill.distance`): agree@1 (same argmax), agree@5 (teacher's top-1 in the student's top-5),
+KL(teacher ‖ student) at t=1 and the logits' L2 distance. The teacher runs once per split. The test
+split adds per-class accuracy and the confusion matrix.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from funmatch import augment, data, models, runtime
+from funmatch.config import Config, EvalConfig
+
+log = logging.getLogger("funmatch.evaluate")
+MINITRAIN = 512  # big_vision's train[:512] for the small datasets
+
+
+@torch.no_grad()
+def predict(members: list[nn.Module], images_u8: torch.Tensor, res: int, ev: EvalConfig,
+            device: torch.device) -> torch.Tensor:
+    """Logits (float32, CPU) of an ensemble (logits averaged) on eval views of uint8 NHWC images."""
+    out = []
+    for start in range(0, len(images_u8), ev.batch_size):
+        x = augment.eval_view(images_u8[start:start + ev.batch_size].to(device), res, ev.crop_pct)
+        out.append(torch.stack([m(x).float() for m in members]).mean(0).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def distances(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    top1_t = teacher.argmax(1)
+    top5_s = student.topk(min(5, student.shape[1]), dim=1).indices
+    kl = F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True, reduction="none").sum(1)
+    return {"agree@1": float((student.argmax(1) == top1_t).float().mean()),
+            "agree@5": float((top5_s == top1_t[:, None]).any(1).float().mean()),
+            "kl": float(kl.mean()), "l2": float((student - teacher).norm(dim=1).mean())}
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """rows: true class, columns: predicted class."""
+    return torch.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
+        out_dir: str | Path) -> dict:
+    """Writes `metrics.json` and `confusion.json` into `out_dir`; returns the flat metrics."""
+    clock = runtime.Stopwatch()
+    device = runtime.setup(cfg.runtime)
+    teachers, t_info = models.load_bundle(teacher_dir, device)
+    students, s_info = models.load_bundle(student_dir, device)
+    classes = data.read_manifest(dataset_dir)["classes"]
+    metrics: dict[str, float] = {}
+    confusion = None
+    for split in ("minitrain", "val", "test"):
+        images, labels = data.load_split(dataset_dir, "train" if split == "minitrain" else split)
+        if split == "minitrain":
+            images, labels = images[:MINITRAIN], labels[:MINITRAIN]
+        if len(labels) == 0:
+            continue
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        t_logits = predict(teachers, images, t_info["resolution"], cfg.eval, device)
+        s_logits = predict(students, images, s_info["resolution"], cfg.eval, device)
+        metrics[f"teacher/{split}/prec@1"] = float((t_logits.argmax(1) == labels).float().mean())
+        metrics[f"student/{split}/prec@1"] = float((s_logits.argmax(1) == labels).float().mean())
+        metrics.update({f"student/{split}/{k}": v for k, v in distances(s_logits, t_logits).items()})
+        if split == "test":
+            confusion = confusion_matrix(s_logits.argmax(1), labels, len(classes))
+            per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+            metrics.update({f"student/test/class_prec@1/{c}": float(a) for c, a in zip(classes, per_class)})
+    metrics["evaluate/wall_s"] = clock()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "confusion.json").write_text(json.dumps({"classes": classes, "matrix": confusion.tolist()}))
+    log.info("teacher test prec@1 %.4f, student %.4f, agree@1 %.4f",
+             metrics["teacher/test/prec@1"], metrics["student/test/prec@1"], metrics["student/test/agree@1"])
+    return metrics

@@ -1,0 +1,118 @@
+"""Stage 5, export: the student as one self-contained ONNX file plus `model.json`, checked with onnxruntime.
+
+Weight standardisation is folded into plain conv weights first, the batch axis is dynamic, and the
+ONNX model must reproduce PyTorch's logits on real test images within `export.max_abs_diff`.
+`model.json` tells a consumer with nothing else how to feed the model; `metrics.json` gathers the
+evaluation, the export check and the stage timings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from funmatch import __version__, augment, data, models, runtime, storage
+from funmatch.config import Config
+from funmatch.errors import FunmatchError
+
+log = logging.getLogger("funmatch.export")
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+RESULT_FILES = ("model.onnx", "model.json", "metrics.json")
+CHECK_IMAGES = 64
+
+
+def to_onnx(model: torch.nn.Module, res: int, path: Path, opset: int) -> None:
+    model = models.fold_weight_standardization(model.eval())
+    example = torch.zeros(2, 3, res, res)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          opset_version=opset, dynamo=True, external_data=False, optimize=True,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
+
+
+def max_abs_diff(model: torch.nn.Module, onnx_path: Path, x: torch.Tensor) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    return float(np.abs(got - want).max())
+
+
+def model_card(cfg: Config, info: dict, metrics: dict) -> dict:
+    res, crop_pct = info["resolution"], info["crop_pct"]
+    return {
+        "format": "funmatch-model/1",
+        "file": "model.onnx",
+        "classes": info["classes"],
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, res, res], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(info["classes"])], "dtype": "float32",
+                   "meaning": "logits in the order of `classes` (softmax for probabilities)"},
+        "preprocessing": {
+            "color": "RGB (grayscale, palette, RGBA over white and CMYK converted to RGB; EXIF orientation applied)",
+            "resize": {"short_side": int(round(res / crop_pct)), "interpolation": "bilinear", "antialias": True},
+            "center_crop": res,
+            "value_range": [-1.0, 1.0],
+            "formula": "x = pixel_uint8 / 127.5 - 1 (i.e. mean 0.5, std 0.5 on [0, 1]), channels first",
+        },
+        "student": {"arch": info["arch"], "resolution": res, "setup": info["setup"], "steps": info["steps"],
+                    "epochs": info["epochs"]},
+        "teacher": {"arch": info["teacher"], "resolution": info["teacher_resolution"]},
+        "metrics": {k: metrics[k] for k in ("student/test/prec@1", "teacher/test/prec@1", "student/test/agree@1")
+                    if k in metrics},
+        "preset": cfg.preset,
+        "config_hash": info["config_hash"],
+        "package": {"name": "funmatch", "version": __version__},
+    }
+
+
+def publish(bundle_dir: str | Path, uri: str) -> None:
+    """Copies the result files to a directory or gs:// prefix, SHA256SUMS last (its presence marks a
+    complete publication)."""
+    sums = []
+    for name in RESULT_FILES:
+        blob = (Path(bundle_dir) / name).read_bytes()
+        storage.write_bytes(f"{uri.rstrip('/')}/{name}", blob)
+        sums.append(f"{hashlib.sha256(blob).hexdigest()}  {name}\n")
+    storage.write_bytes(f"{uri.rstrip('/')}/SHA256SUMS", "".join(sums).encode())
+    log.info("published %s to %s", ", ".join(RESULT_FILES), uri)
+
+
+def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, metrics_path: str | Path,
+        out_dir: str | Path, stage_wall_s: dict[str, float] | None = None) -> dict:
+    """Writes model.onnx, model.json and metrics.json into `out_dir`; returns the metrics."""
+    clock = runtime.Stopwatch()
+    runtime.setup(cfg.runtime)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (student,), info = models.load_bundle(student_dir, "cpu")
+    res = info["resolution"]
+    to_onnx(student, res, out / "model.onnx", cfg.export.opset)
+
+    images, _ = data.load_split(dataset_dir, "test")
+    x = augment.eval_view(torch.from_numpy(images[:CHECK_IMAGES]), res, info["crop_pct"])
+    (reference,), _ = models.load_bundle(student_dir, "cpu")  # unfolded: the model as trained
+    diff = max_abs_diff(reference, out / "model.onnx", x)
+    if diff > cfg.export.max_abs_diff:
+        raise FunmatchError(f"ONNX logits differ from PyTorch by {diff:.2e} on {len(x)} test images, "
+                            f"more than export.max_abs_diff={cfg.export.max_abs_diff}")
+
+    metrics = json.loads(Path(metrics_path).read_text())
+    metrics["export/onnx_max_abs_diff"] = diff
+    metrics["export/onnx_bytes"] = (out / "model.onnx").stat().st_size
+    metrics["export/wall_s"] = clock()
+    walls = (stage_wall_s or {}) | {"evaluate": metrics.get("evaluate/wall_s", 0.0), "export": metrics["export/wall_s"]}
+    metrics.update({f"{stage}/wall_s": w for stage, w in walls.items()})
+    metrics["wall_s"] = round(sum(walls.values()), 3)  # stage compute; `funmatch run` replaces it with end-to-end
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    (out / "model.json").write_text(json.dumps(model_card(cfg, info, metrics), indent=1))
+    log.info("exported %s (%d bytes), ONNX vs PyTorch max abs diff %.2e", out / "model.onnx",
+             metrics["export/onnx_bytes"], diff)
+    return metrics

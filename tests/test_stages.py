@@ -1,0 +1,96 @@
+"""Each stage's core on the bundled data with the demo-tiny preset."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from funmatch import config, distill, evaluate, export, finetune, models
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, tiny_cfg, dataset_dir, teacher_dir):
+    out = tmp_path_factory.mktemp("student") / "student"
+    distill.run(tiny_cfg, dataset_dir, teacher_dir, out)
+    return out
+
+
+def test_teacher_artifact(teacher_dir):
+    info = json.loads((teacher_dir / "model.json").read_text())
+    assert info["arch"] == "bit-r18-mini" and len(info["classes"]) == 10 and info["steps"] == 20
+    assert 0.0 <= info["val_prec1"] <= 1.0
+
+
+def test_given_teacher_checks_shapes(tmp_path, tiny_cfg, dataset_dir, teacher_dir):
+    weights = str(teacher_dir / "member-0.safetensors")
+    cfg = config.load("demo-tiny", [f"teacher.init={weights},{weights}", "teacher.finetune=false"])
+    info = finetune.given_teacher(cfg, dataset_dir, tmp_path / "given")
+    assert info["finetuned"] is False
+    members, _ = models.load_bundle(tmp_path / "given")
+    assert len(members) == 2  # an ensemble of two
+    bad = config.load("demo-tiny", [f"teacher.init={weights}", "teacher.finetune=false", "teacher.arch=bit-r14-mini"])
+    with pytest.raises(Exception, match="does not fit bit-r14-mini"):
+        finetune.given_teacher(bad, dataset_dir, tmp_path / "bad")
+
+
+def test_distill_is_deterministic_and_logs_history(tmp_path, tiny_cfg, dataset_dir, teacher_dir, student_dir):
+    again = tmp_path / "again"
+    distill.run(tiny_cfg, dataset_dir, teacher_dir, again)
+    a, b = load_file(str(student_dir / "member-0.safetensors")), load_file(str(again / "member-0.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((student_dir / "history.json").read_text())
+    assert history[-1]["step"] == 32 and "val_agree@1" in history[-1]
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+@pytest.mark.parametrize("setup", ["fixed", "independent", "consistent"])
+def test_every_setup_trains(tmp_path, dataset_dir, teacher_dir, setup):
+    cfg = config.load("demo-tiny", [f"distill.setup={setup}", "distill.epochs=0.05", "distill.warmup_steps=1",
+                                    "distill.eval_every=0"])
+    info = distill.run(cfg, dataset_dir, teacher_dir, tmp_path / setup)
+    assert info["setup"] == setup and info["steps"] == 7
+
+
+def test_warmup_longer_than_run_is_refused_before_training(tmp_path, dataset_dir, teacher_dir):
+    cfg = config.load("demo-tiny", ["distill.warmup_steps=1000"])
+    with pytest.raises(config.ConfigError, match="warmup_steps=1000"):
+        distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "s")
+
+
+def test_resume_from_checkpoint_gives_identical_weights(tmp_path, tiny_cfg, dataset_dir, teacher_dir, student_dir):
+    """Checkpoints every 10 steps; dropping the final one leaves step 30 to resume from."""
+    ckpt = tmp_path / "ckpt"
+    distill.run(tiny_cfg, dataset_dir, teacher_dir, tmp_path / "full", checkpoint_dir=str(ckpt))
+    for ext in ("json", "safetensors"):
+        (ckpt / f"ckpt-000000032.{ext}").unlink()
+    distill.run(tiny_cfg, dataset_dir, teacher_dir, tmp_path / "resumed", checkpoint_dir=str(ckpt))
+    a = load_file(str(student_dir / "member-0.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "member-0.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_and_export(tmp_path, tiny_cfg, dataset_dir, teacher_dir, student_dir):
+    metrics = evaluate.run(tiny_cfg, dataset_dir, teacher_dir, student_dir, tmp_path / "eval")
+    for split in ("minitrain", "val", "test"):
+        for key in ("prec@1", "agree@1", "agree@5", "kl", "l2"):
+            assert f"student/{split}/{key}" in metrics
+        assert f"teacher/{split}/prec@1" in metrics
+    confusion = json.loads((tmp_path / "eval" / "confusion.json").read_text())
+    assert np.asarray(confusion["matrix"]).sum() == 2000
+
+    out = tmp_path / "export"
+    m = export.run(tiny_cfg, dataset_dir, student_dir, tmp_path / "eval" / "metrics.json", out, {"distill": 1.0})
+    assert m["export/onnx_max_abs_diff"] <= 1e-3 and m["wall_s"] > 1.0
+    card = json.loads((out / "model.json").read_text())
+    assert card["classes"][0] == "T-shirt/top" and card["input"]["shape"] == ["batch", 3, 32, 32]
+    assert card["preprocessing"]["value_range"] == [-1.0, 1.0]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"
+    for batch in (1, 5):  # dynamic batch axis
+        assert session.run(None, {"image": np.zeros((batch, 3, 32, 32), np.float32)})[0].shape == (batch, 10)
+
+    export.publish(out, str(tmp_path / "published"))
+    sums = (tmp_path / "published" / "SHA256SUMS").read_text().splitlines()
+    assert [line.split()[1] for line in sums] == ["model.onnx", "model.json", "metrics.json"]
