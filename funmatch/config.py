@@ -210,6 +210,12 @@ def _parse_scalar(text: str, tp: type) -> Any:
     """A `--set` value as the field type wants it (strings stay verbatim: 'no' is not False)."""
     if tp is str:
         return text
+    if tp in (int, float):  # YAML 1.1 reads '1e-3' as a string
+        for parse in (int, float):
+            try:
+                return parse(text)
+            except ValueError:
+                pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

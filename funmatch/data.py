@@ -155,12 +155,14 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(data)) as img:
                 if img.width * img.height > max_pixels:
-                    raise ValueError(f"{img.width}x{img.height} exceeds data.max_image_pixels={max_pixels}")
+                    raise ValueError(f"refused: {img.width}x{img.height} is more pixels than "
+                                     f"data.max_image_pixels={max_pixels}")
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 img = to_rgb(img)
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError,
-                Image.DecompressionBombWarning) as e:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"refused: more pixels than data.max_image_pixels={max_pixels} ({e})") from e
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"{type(e).__name__}: {e}") from e
     img = ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

@@ -32,7 +32,7 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def decay_mask(model: nn.Module) -> dict[str, bool]:
     """True for conv and linear kernels (big_vision: names ending in /kernel), False for norms and biases."""
-    kernels = {f"{name}.weight" for name, m in model.named_modules()
+    kernels = {f"{name}.weight".lstrip(".") for name, m in model.named_modules()
                if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None}
     return {name: name in kernels for name, _ in model.named_parameters()}
 

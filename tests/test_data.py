@@ -35,7 +35,8 @@ def test_decode_converts_every_mode_to_rgb_at_stored_size():
     for mode in ["L", "P", "RGBA", "CMYK", "LA", "I;16"]:
         img = _photo(mode="RGB").convert("L" if mode == "I;16" else mode)
         if mode == "I;16":
-            img = Image.fromarray((np.asarray(img).astype(np.uint16) * 257), "I;16")
+            img = Image.fromarray(np.asarray(img).astype(np.uint16) * 257)
+            assert img.mode == "I;16"
         buf = io.BytesIO()
         img.save(buf, "TIFF" if mode in ("CMYK", "LA", "I;16") else "PNG")
         out = data.decode_image(buf.getvalue(), 24, 10**7)
@@ -70,7 +71,7 @@ def test_prepare_folder_splits_stratified_and_deterministic(tmp_path):
     assert m1["skipped"]["count"] == 1 and m1["skipped"]["files"][0]["path"].endswith("broken.jpg")
     assert [m1["splits"][s]["class_counts"] for s in ("val", "test")] == [[2, 2, 2], [2, 2, 2]]
     images, labels = data.load_split(tmp_path / "a", "train")
-    assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8 and len(labels) == 17
+    assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8 and len(labels) == 18
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog", "fox"] and manifest["stored_resolution"] == 16
 
