@@ -11,6 +11,8 @@ images live on the host or on the GPU, and a step's augmentation is a function o
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -89,15 +91,17 @@ def mixup(x: torch.Tensor, a: float) -> torch.Tensor:
     return a * x + (1.0 - a) * x.roll(1, dims=0)
 
 
-def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int, student_res: int,
+def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int | Sequence[int], student_res: int,
                   area_range: tuple[float, float], generator: torch.Generator
-                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(teacher input or None for `fixed`, student input) for one batch, per teaching setup.
+                  ) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+    """([teacher input per teacher resolution] or None for `fixed`, student input) for one batch.
 
     consistent / funmatch: one crop + flip, resized per model (funmatch adds shared mixup);
     independent: each model its own crop + flip; fixed: the student's random view only (the
-    teacher's targets were precomputed on central crops).
+    teacher's targets were precomputed on central crops). An ensemble whose teachers run at several
+    resolutions (e.g. 384 and 224) gets the same crop at each.
     """
+    resolutions = [teacher_res] if isinstance(teacher_res, int) else list(teacher_res)
     n, height, width = images_u8.shape[:3]
     x = to_float_nchw(images_u8)
     boxes = inception_boxes(n, height, width, area_range, generator)
@@ -108,11 +112,11 @@ def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int, student
     if setup == "independent":
         boxes = inception_boxes(n, height, width, area_range, generator)
         flips = torch.rand(n, generator=generator) < 0.5
-    teacher = value_range(flip(crop_resize(x, boxes, teacher_res), flips))
+    teachers = [value_range(flip(crop_resize(x, boxes, r), flips)) for r in resolutions]
     if setup == "funmatch":
         a = mixup_coefficient(generator)
-        teacher, student = mixup(teacher, a), mixup(student, a)
-    return teacher, student
+        teachers, student = [mixup(t, a) for t in teachers], mixup(student, a)
+    return teachers, student
 
 
 def eval_view(images_u8: torch.Tensor, res: int, crop_pct: float) -> torch.Tensor:

@@ -142,7 +142,12 @@ class CheckpointManager:
                     f"{self._path(step, 'json')} was made with config {meta['config_hash']}, this run has "
                     f"{self.config_hash}; use another checkpoint directory, or pass "
                     "--allow-config-change to resume anyway")
-            return Loaded(step, load(blob), meta)
+            try:  # never unpickled: anything but safetensors (a pickle under this name too) fails here
+                tensors = load(blob)
+            except Exception as e:  # SafetensorError, on any bytes that are not a safetensors file
+                log.warning("checkpoint %s is not a safetensors file (%s); trying the previous one", step, e)
+                continue
+            return Loaded(step, tensors, meta)
         return None
 
     @staticmethod

@@ -3,6 +3,8 @@
     funmatch run [--preset NAME] [--set KEY=VALUE ...] [--output DIR]   compile the DAG and run it locally
     funmatch compile [--preset NAME] [--set ...] --output pipeline.yaml  KFP IR YAML for the Kubeflow UI
     funmatch presets [--json]                                            presets, expectations, configs
+    funmatch stage distill --config-json JSON --dataset URI --teacher URI --output URI
+                                                    one stage in this process (each process of a TrainJob)
 
 Bad input (unknown preset, unknown or mistyped key, wrong value, missing data source, a teacher
 checkpoint that does not fit) is answered with one line before any compute.
@@ -45,6 +47,40 @@ def parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("presets", help="list presets with description, expected metric and runtime")
     pre.add_argument("--json", action="store_true", help="print every preset's fully resolved config as JSON")
+
+    bench = sub.add_parser("bench", help="measure on this machine (bench onnx: CPU latency of torch, ORT fp32, ORT INT8)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    onnx = bench_sub.add_parser(
+        "onnx", help="batch-1 / batch-32 CPU latency: torch eager, onnxruntime fp32 and INT8 (static QDQ)",
+        description="Exports a randomly initialised model to ONNX, quantizes it to INT8 (static QDQ, as export.int8 "
+                    "does) and times torch eager, onnxruntime fp32 and onnxruntime INT8 on this CPU: median and p90 "
+                    "over warmed repeats, plus the ratios. Random weights: latency only, no accuracy.")
+    onnx.add_argument("--preset", default=None, help="take arch and resolution from this preset's student")
+    onnx.add_argument("--arch", default=None, help="architecture (default: the preset's student, else resnet50)")
+    onnx.add_argument("--resolution", type=int, default=None, help="input side in px (default: preset's, else 224)")
+    onnx.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and onnxruntime (default: 2)")
+    onnx.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default: 1 32)")
+    onnx.add_argument("--repeats", type=int, default=20, help="timed calls per engine and batch size (default: 20)")
+    onnx.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
+    onnx.add_argument("--classes", type=int, default=1000, help="head size (default: 1000)")
+    onnx.add_argument("--calibration", default="demo", choices=["demo", "random"],
+                      help="INT8 calibration images: bundled demo images (eval view) or uniform noise (default: demo)")
+    onnx.add_argument("--calibration-images", type=int, default=32, help="number of calibration images (default: 32)")
+    onnx.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    stage = sub.add_parser("stage", help="run one stage in this process (what a multi-node TrainJob's pods run)")
+    stage_sub = stage.add_subparsers(dest="stage", required=True)
+    sd = stage_sub.add_parser(
+        "distill", help="distillation: funmatch.distill.run on local or gs:// artifacts",
+        description="Runs the distill stage on the given artifacts (directories or gs:// prefixes; gs:// inputs are "
+                    "fetched once per node into --cache-dir). Under torchrun each process runs this; rank 0 writes "
+                    "the student to --output and marks it complete. See funmatch/trainjob.py.")
+    sd.add_argument("--config-json", required=True, metavar="JSON", help="the resolved config (as the pipeline's)")
+    sd.add_argument("--dataset", required=True, metavar="URI", help="prepared dataset artifact")
+    sd.add_argument("--teacher", required=True, metavar="URI", help="teacher model artifact")
+    sd.add_argument("--output", required=True, metavar="URI", help="where rank 0 writes the student artifact")
+    sd.add_argument("--checkpoint-dir", default="", metavar="URI", help="step checkpoints (resume; default: none)")
+    sd.add_argument("--cache-dir", default="", metavar="DIR",
+                    help="local copies of gs:// inputs (default: $FUNMATCH_CACHE_DIR, else a temp dir)")
     return p
 
 
@@ -53,7 +89,7 @@ def preflight(cfg: config.Config) -> None:
     from funmatch import data, models, storage
     from funmatch.errors import CheckpointError
 
-    data.check_source(cfg.data.source)
+    data.check_data(cfg.data.source, cfg.data.root, cfg.data.download)
     for role, m in (("teacher", cfg.teacher), ("student", cfg.student)):
         for uri in config.split_uris(m.init):
             if storage.is_gcs(uri):
@@ -96,14 +132,32 @@ def cmd_presets(args: argparse.Namespace) -> int:
         return 0
     for name, d in described.items():
         e = d["expected"]
+        cost = (f"; {d['images_processed']:.3g} images ≈ {d['gpu_hours']} GPU-hours" if d["gpu_hours"] else "")
         print(f"{name}\n  {d['description']}\n  expected: {e['metric']} ≈ {e['value']}"
-              f"{' (paper: ' + e['paper'] + ')' if e['paper'] else ''}; runtime: {e['runtime']}")
+              f"{' (teacher ' + str(e['teacher_value']) + ')' if e['teacher_value'] else ''}"
+              f"{' [' + e['paper'] + ']' if e['paper'] else ''}\n  runtime: {e['runtime']}{cost}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from funmatch import bench  # imports torch and onnxruntime: only here
+
+    return bench.command(args)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from funmatch import trainjob  # the worker side of a multi-node TrainJob; imports torch via distill
+
+    info = trainjob.run_worker(args.config_json, args.dataset, args.teacher, args.output, args.checkpoint_dir,
+                               args.cache_dir)
+    print(json.dumps({k: info.get(k) for k in ("arch", "setup", "steps", "wall_s")}))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    handler = {"run": cmd_run, "compile": cmd_compile, "presets": cmd_presets}[args.command]
+    handler = {"run": cmd_run, "compile": cmd_compile, "presets": cmd_presets, "bench": cmd_bench,
+               "stage": cmd_stage}[args.command]
     try:
         return handler(args)
     except FunmatchError as e:

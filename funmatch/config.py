@@ -21,6 +21,7 @@ import yaml
 from funmatch.errors import ConfigError
 
 SETUPS = ("fixed", "independent", "consistent", "funmatch")
+NAMED_DATASETS = ("flowers102", "pets", "food101", "sun397", "imagenet")
 OPTIMIZERS = ("adam", "shampoo")
 STEM_POOLS = ("zero_pad", "neg_inf_pad")
 PRECISIONS = ("fp32", "bf16")
@@ -30,7 +31,9 @@ PRECISIONS = ("fp32", "bf16")
 class DataConfig:
     """Where images come from and how the prepared dataset artifact stores them."""
 
-    source: str = "demo"  # demo | a local ImageFolder tree | gs://bucket/prefix
+    source: str = "demo"  # demo | a local ImageFolder tree | gs://bucket/prefix | flowers102 | pets | food101 | sun397 | imagenet
+    root: str = ""  # for the named datasets: where their files are (a path or gs:// prefix)
+    download: bool = False  # named torchvision datasets: fetch them into `root` (clusters with network only)
     stored_resolution: int = 160  # square side the images are stored at (short-side resize + centre crop)
     val_fraction: float = 0.1  # used only when the source has no val split
     test_fraction: float = 0.1  # used only when the source has no test split
@@ -48,6 +51,7 @@ class TeacherConfig:
     init: str = "none"  # none | path or gs:// URI of a BiT .npz or a .safetensors file
     resolution: int = 128
     finetune: bool = True  # false: `init` is already fine-tuned for this dataset's classes
+    member_resolutions: str = ""  # ensembles: one resolution per `init` entry (e.g. '384,224'); empty: `resolution`
     stem_pool: str = "zero_pad"  # zero_pad (big_transfer) | neg_inf_pad (big_vision bit_paper)
 
 
@@ -89,18 +93,23 @@ class DistillConfig:
     checkpoint_every_steps: int = 1000
     checkpoint_every_minutes: float = 10.0
     keep_checkpoints: int = 3
+    num_nodes: int = 1  # >1: a Kubeflow Trainer TrainJob runs the stage on that many nodes (funmatch/trainjob.py)
 
 
 @dataclass
 class EvalConfig:
     batch_size: int = 256
     crop_pct: float = 0.8  # resize short side to res/crop_pct, centre crop res (128: 160→128)
+    minitrain_size: int = 512  # big_vision minitrain: train[:512] (small datasets), train[:2%] (ImageNet)
 
 
 @dataclass
 class ExportConfig:
     opset: int = 18
     max_abs_diff: float = 1e-3  # onnxruntime vs PyTorch on real test images
+    int8: bool = False  # also write model.int8.onnx (static QDQ INT8, onnxruntime; funmatch/quantize.py)
+    calibration_images: int = 256  # training images (eval preprocessing) that calibrate the INT8 ranges
+    max_int8_drop: float = 0.01  # INT8 test prec@1 may lose at most this much (absolute) or is not published
 
 
 @dataclass
@@ -130,16 +139,22 @@ class RuntimeConfig:
 
 @dataclass
 class Expected:
+    """What a preset should give, and where that figure comes from."""
+
     metric: str = ""
-    value: float = 0.0
+    value: float = 0.0  # the student figure (the paper's, or measured for the demo presets)
+    teacher_value: float = 0.0  # the teacher figure for the same split
     runtime: str = ""
-    paper: str = ""
+    paper: str = ""  # source of the figures (table, row)
+    train_size: int = 0  # distillation images per epoch in the paper's split
+    img_per_s: float = 0.0  # measured distill throughput on one H200 (docs/performance.md, gpu.md)
 
 
 @dataclass
 class Config:
     preset: str = ""
     description: str = ""
+    smoke: bool = False  # the preset's tiny variant: same code path on CPU in seconds (see SMOKE)
     expected: Expected = field(default_factory=Expected)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -192,11 +207,15 @@ def _coerce(key: str, value: Any, tp: type) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
     elif tp is int:
+        if isinstance(value, str):
+            value = _number(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        if isinstance(value, str):
+            value = _number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif tp is str:
@@ -206,16 +225,20 @@ def _coerce(key: str, value: Any, tp: type) -> Any:
     raise ConfigError(f"{key}: expected {names[tp]}, got {value!r}")
 
 
+def _number(text: str) -> Any:
+    """'3' → 3, '1e-3' → 0.001 (YAML 1.1 reads the latter as a string); anything else unchanged."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _parse_scalar(text: str, tp: type) -> Any:
     """A `--set` value as the field type wants it (strings stay verbatim: 'no' is not False)."""
     if tp is str:
         return text
-    if tp in (int, float):  # YAML 1.1 reads '1e-3' as a string
-        for parse in (int, float):
-            try:
-                return parse(text)
-            except ValueError:
-                pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -274,6 +297,19 @@ def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return merged
 
 
+# `smoke=true`: the preset's own recipe (setup, loss, temperature, lr, wd, optimizer, crops) on the
+# bundled data with mini BiT-style models at 32 px for a few dozen steps on the CPU.
+SMOKE: dict[str, Any] = {
+    "data.source": "demo", "data.stored_resolution": 28,
+    "teacher.arch": "bit-r18-mini", "teacher.init": "none", "teacher.finetune": True, "teacher.resolution": 32,
+    "teacher.member_resolutions": "",
+    "student.arch": "bit-r14-mini", "student.init": "none", "student.resolution": 32,
+    "finetune.steps": 10, "finetune.batch_size": 32, "distill.epochs": 0.1, "distill.batch_size": 32,
+    "distill.warmup_steps": 5, "distill.log_every": 5, "distill.eval_every": 0,
+    "distill.checkpoint_every_steps": 10, "eval.batch_size": 256, "runtime.device": "cpu",
+}
+
+
 def load(preset: str = "demo", overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """The preset's config with `overrides` (['a.b=v', ...] or {'a.b': v}) applied, validated."""
     doc = _read_preset(preset)
@@ -283,6 +319,9 @@ def load(preset: str = "demo", overrides: list[str] | dict[str, Any] | None = No
     for k, v in doc["config"].items():
         _set(cfg, k, v)
     apply_overrides(cfg, overrides or [])
+    if cfg.smoke:
+        apply_overrides(cfg, SMOKE)
+        apply_overrides(cfg, overrides or [])  # what the user set explicitly still wins
     validate(cfg)
     return cfg
 
@@ -309,8 +348,8 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
 def from_json(text: str) -> Config:
     """The inverse of `Config.to_json` (used by the pipeline components)."""
     d = json.loads(text)
-    cfg = Config(preset=d.get("preset", ""), description=d.get("description", ""))
-    for k, v in _flatten({k: v for k, v in d.items() if k not in ("preset", "description")}).items():
+    cfg = Config(preset=d.get("preset", ""), description=d.get("description", ""), smoke=d.get("smoke", False))
+    for k, v in _flatten({k: v for k, v in d.items() if k not in ("preset", "description", "smoke")}).items():
         _set(cfg, k, v)
     validate(cfg)
     return cfg
@@ -346,6 +385,12 @@ def validate(cfg: Config) -> None:
             _check(uri.endswith((".npz", ".safetensors")), f"{role}.init", m.init,
                    "'none' or paths / gs:// URIs ending in .npz or .safetensors, comma-separated")
     _check(len(split_uris(s.init)) <= 1, "student.init", s.init, "'none' or a single checkpoint")
+    resolutions = member_resolutions(t)
+    _check(len(resolutions) == max(1, len(split_uris(t.init))), "teacher.member_resolutions", t.member_resolutions,
+           f"empty or one resolution per teacher.init entry ({len(split_uris(t.init))})")
+    for r in resolutions:
+        models.check_resolution("teacher.member_resolutions", t.arch, r)
+    _check(d.source != "demo" or not d.root, "data.root", d.root, "empty when data.source is 'demo'")
     _check(t.finetune or bool(split_uris(t.init)), "teacher.finetune", t.finetune,
            "true when teacher.init is 'none' (a teacher must be trained or given)")
     _check(not t.finetune or len(split_uris(t.init)) <= 1, "teacher.init", t.init,
@@ -376,11 +421,17 @@ def validate(cfg: Config) -> None:
     _check(k.checkpoint_every_minutes > 0, "distill.checkpoint_every_minutes", k.checkpoint_every_minutes,
            "a positive number")
     _check(k.keep_checkpoints >= 1, "distill.keep_checkpoints", k.keep_checkpoints, "at least 1")
+    _check(k.num_nodes >= 1, "distill.num_nodes", k.num_nodes, "a positive integer (>1: a TrainJob on that many nodes)")
 
     _check(cfg.eval.batch_size > 0, "eval.batch_size", cfg.eval.batch_size, "a positive integer")
     _check(0 < cfg.eval.crop_pct <= 1, "eval.crop_pct", cfg.eval.crop_pct, "a fraction in (0, 1]")
+    _check(cfg.eval.minitrain_size >= 0, "eval.minitrain_size", cfg.eval.minitrain_size, "a non-negative integer")
     _check(cfg.export.opset >= 17, "export.opset", cfg.export.opset, "17 or higher")
     _check(cfg.export.max_abs_diff > 0, "export.max_abs_diff", cfg.export.max_abs_diff, "a positive number")
+    _check(cfg.export.calibration_images > 0, "export.calibration_images", cfg.export.calibration_images,
+           "a positive integer")
+    _check(0 <= cfg.export.max_int8_drop <= 1, "export.max_int8_drop", cfg.export.max_int8_drop,
+           "a fraction in [0, 1] (0.01 = one point of prec@1)")
 
     r = cfg.resources
     _check(r.accelerator_count >= 0, "resources.accelerator_count", r.accelerator_count, "a non-negative integer")
@@ -395,6 +446,17 @@ def validate(cfg: Config) -> None:
     _check(rt.precision in PRECISIONS, "runtime.precision", rt.precision, f"one of {', '.join(PRECISIONS)}")
 
 
+def member_resolutions(teacher: TeacherConfig) -> list[int]:
+    """The resolution of each teacher in the ensemble."""
+    if not teacher.member_resolutions.strip():
+        return [teacher.resolution] * max(1, len(split_uris(teacher.init)))
+    try:
+        return [int(r) for r in teacher.member_resolutions.split(",")]
+    except ValueError:
+        raise ConfigError(f"teacher.member_resolutions={teacher.member_resolutions!r} is not allowed: "
+                          "expected comma-separated integers such as '384,224'") from None
+
+
 def split_uris(init: str) -> list[str]:
     """'none' → []; 'a.npz, b.npz' → ['a.npz', 'b.npz']."""
     if init.strip().lower() in ("", "none"):
@@ -407,6 +469,11 @@ def describe_presets() -> dict[str, dict[str, Any]]:
     out = {}
     for name in preset_names():
         cfg = load(name)
-        out[name] = {"description": cfg.description, "expected": dataclasses.asdict(cfg.expected),
+        e = cfg.expected
+        images = cfg.distill.epochs * e.train_size
+        out[name] = {"description": cfg.description, "expected": dataclasses.asdict(e),
+                     "images_processed": images,
+                     "gpu_hours": round(images / e.img_per_s / 3600, 2) if e.img_per_s else None,
+                     "smoke": f"funmatch run --preset {name} --set smoke=true",
                      "config": cfg.to_dict()}
     return out

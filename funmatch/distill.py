@@ -23,7 +23,7 @@ from funmatch import augment, data, models, optim, runtime, storage
 from funmatch.checkpoint import CheckpointManager
 from funmatch.config import Config, split_uris
 from funmatch.errors import ConfigError, DataError
-from funmatch.evaluate import distances, predict
+from funmatch.evaluate import distances, predict, resolutions
 from funmatch.losses import ensemble_logits, kd_loss
 
 log = logging.getLogger("funmatch.distill")
@@ -75,7 +75,7 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         raise DataError(f"teacher classes {t_info['classes'][:5]}... differ from the dataset's "
                         f"{manifest['classes'][:5]}...")
     teachers = [models.freeze(t) for t in teachers]
-    t_res = t_info["resolution"]
+    t_res = resolutions(t_info)  # one per ensemble member
 
     # Student: from scratch with a zero head (the paper's default), optimizer, schedule.
     student = models.create_model(s.arch, manifest["num_classes"], stem_pool=s.stem_pool, zero_head=s.zero_head,
@@ -87,9 +87,12 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     forward = torch.compile(student) if cfg.runtime.compile else student
     amp = runtime.autocast(device, cfg.runtime.precision)
 
-    def teach(x: torch.Tensor) -> torch.Tensor:
+    views_of = sorted(set(t_res))
+
+    def teach(views: list[torch.Tensor]) -> torch.Tensor:
+        by_res = dict(zip(views_of, views))
         with torch.no_grad(), amp:
-            return ensemble_logits([t(x).float() for t in teachers])
+            return ensemble_logits([t(by_res[r]).float() for t, r in zip(teachers, t_res)])
 
     # `fixed`: the teacher's targets once per image, on the central crop, reused every step.
     fixed_logits = None
@@ -127,7 +130,7 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         for step in range(start, steps):
             g = augment.step_generator(seed, step)
             idx = data.batch_indices(step, k.batch_size, n, seed)
-            t_in, s_in = augment.distill_views(images[idx.to(device)], k.setup, t_res, s.resolution,
+            t_in, s_in = augment.distill_views(images[idx.to(device)], k.setup, views_of, s.resolution,
                                                (k.crop_min_area, k.crop_max_area), g)
             target = fixed_logits[idx.to(device)] if fixed_logits is not None else teach(t_in)
             optim.set_lr(opt, k.lr * optim.warmup_cosine(step, k.warmup_steps, steps))
@@ -161,7 +164,7 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     student.eval()
     info = {"role": "student", "arch": s.arch, "resolution": s.resolution, "stem_pool": s.stem_pool,
             "classes": manifest["classes"], "crop_pct": cfg.eval.crop_pct, "teacher": t_info["arch"],
-            "teacher_resolution": t_res, "setup": k.setup, "steps": steps, "epochs": k.epochs,
+            "teacher_resolution": t_res[0], "setup": k.setup, "steps": steps, "epochs": k.epochs,
             "images_seen": steps * k.batch_size, "config_hash": cfg.hash(), "wall_s": clock()}
     models.save_bundle(out_dir, [student.cpu()], info)
     (Path(out_dir) / "history.json").write_text(json.dumps(history))

@@ -19,18 +19,25 @@ from funmatch import augment, data, models, runtime
 from funmatch.config import Config, EvalConfig
 
 log = logging.getLogger("funmatch.evaluate")
-MINITRAIN = 512  # big_vision's train[:512] for the small datasets
 
 
 @torch.no_grad()
-def predict(members: list[nn.Module], images_u8: torch.Tensor, res: int, ev: EvalConfig,
+def predict(members: list[nn.Module], images_u8: torch.Tensor, res: int | list[int], ev: EvalConfig,
             device: torch.device) -> torch.Tensor:
-    """Logits (float32, CPU) of an ensemble (logits averaged) on eval views of uint8 NHWC images."""
+    """Logits (float32, CPU) of an ensemble (logits averaged; each member at its own resolution) on
+    eval views of uint8 NHWC images."""
+    resolutions = res if isinstance(res, list) else [res] * len(members)
     out = []
     for start in range(0, len(images_u8), ev.batch_size):
-        x = augment.eval_view(images_u8[start:start + ev.batch_size].to(device), res, ev.crop_pct)
-        out.append(torch.stack([m(x).float() for m in members]).mean(0).cpu())
+        batch = images_u8[start:start + ev.batch_size].to(device)
+        views = {r: augment.eval_view(batch, r, ev.crop_pct) for r in set(resolutions)}
+        out.append(torch.stack([m(views[r]).float() for m, r in zip(members, resolutions)]).mean(0).cpu())
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def resolutions(info: dict) -> list[int]:
+    """Per-member resolutions of a model artifact."""
+    return info.get("member_resolutions") or [info["resolution"]] * len(info["members"])
 
 
 def distances(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
@@ -60,11 +67,11 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
     for split in ("minitrain", "val", "test"):
         images, labels = data.load_split(dataset_dir, "train" if split == "minitrain" else split)
         if split == "minitrain":
-            images, labels = images[:MINITRAIN], labels[:MINITRAIN]
+            images, labels = images[:cfg.eval.minitrain_size], labels[:cfg.eval.minitrain_size]
         if len(labels) == 0:
             continue
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-        t_logits = predict(teachers, images, t_info["resolution"], cfg.eval, device)
+        t_logits = predict(teachers, images, resolutions(t_info), cfg.eval, device)
         s_logits = predict(students, images, s_info["resolution"], cfg.eval, device)
         metrics[f"teacher/{split}/prec@1"] = float((t_logits.argmax(1) == labels).float().mean())
         metrics[f"student/{split}/prec@1"] = float((s_logits.argmax(1) == labels).float().mean())

@@ -7,7 +7,6 @@ evaluation, the export check and the stage timings.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import warnings
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from funmatch import __version__, augment, data, models, runtime, storage
+from funmatch import __version__, augment, data, models, quantize, runtime
 from funmatch.config import Config
 from funmatch.errors import FunmatchError
 
@@ -73,30 +72,35 @@ def model_card(cfg: Config, info: dict, metrics: dict) -> dict:
     }
 
 
-def publish(bundle_dir: str | Path, uri: str) -> None:
+def result_files(bundle_dir: str | Path) -> tuple[str, ...]:
+    """RESULT_FILES plus model.int8.onnx when the export wrote (i.e. accepted) it."""
+    int8 = (quantize.INT8_FILE,) if (Path(bundle_dir) / quantize.INT8_FILE).is_file() else ()
+    return RESULT_FILES[:1] + int8 + RESULT_FILES[1:]
+
+
+def publish(bundle_dir: str | Path, uri: str) -> str:
     """Copies the result files to a directory or gs:// prefix, SHA256SUMS last (its presence marks a
-    complete publication)."""
-    sums = []
-    for name in RESULT_FILES:
-        blob = (Path(bundle_dir) / name).read_bytes()
-        storage.write_bytes(f"{uri.rstrip('/')}/{name}", blob)
-        sums.append(f"{hashlib.sha256(blob).hexdigest()}  {name}\n")
-    storage.write_bytes(f"{uri.rstrip('/')}/SHA256SUMS", "".join(sums).encode())
-    log.info("published %s to %s", ", ".join(RESULT_FILES), uri)
+    complete publication); `gs://<bucket>/models/<name>` gets a new immutable version and a moved
+    latest.json (funmatch/publish.py). Returns where the files are."""
+    from funmatch import publish as registry
+
+    return registry.publish(bundle_dir, uri, files=result_files(bundle_dir)).uri
 
 
 def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, metrics_path: str | Path,
         out_dir: str | Path, stage_wall_s: dict[str, float] | None = None) -> dict:
-    """Writes model.onnx, model.json and metrics.json into `out_dir`; returns the metrics."""
+    """Writes model.onnx, model.json and metrics.json (and model.int8.onnx with export.int8, unless it
+    loses more than export.max_int8_drop) into `out_dir`; returns the metrics."""
     clock = runtime.Stopwatch()
     runtime.setup(cfg.runtime)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / quantize.INT8_FILE).unlink(missing_ok=True)  # only this run's INT8 model may be published
     (student,), info = models.load_bundle(student_dir, "cpu")
     res = info["resolution"]
     to_onnx(student, res, out / "model.onnx", cfg.export.opset)
 
-    images, _ = data.load_split(dataset_dir, "test")
+    images, labels = data.load_split(dataset_dir, "test")
     x = augment.eval_view(torch.from_numpy(images[:CHECK_IMAGES]), res, info["crop_pct"])
     (reference,), _ = models.load_bundle(student_dir, "cpu")  # unfolded: the model as trained
     diff = max_abs_diff(reference, out / "model.onnx", x)
@@ -107,12 +111,22 @@ def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, metrics_p
     metrics = json.loads(Path(metrics_path).read_text())
     metrics["export/onnx_max_abs_diff"] = diff
     metrics["export/onnx_bytes"] = (out / "model.onnx").stat().st_size
+    int8_card = None
+    if cfg.export.int8:
+        int8_metrics, int8_card = quantize.export_int8(cfg, dataset_dir, out, images, labels, res, info["crop_pct"],
+                                                       INPUT_NAME)
+        metrics.update(int8_metrics)
     metrics["export/wall_s"] = clock()
     walls = (stage_wall_s or {}) | {"evaluate": metrics.get("evaluate/wall_s", 0.0), "export": metrics["export/wall_s"]}
     metrics.update({f"{stage}/wall_s": w for stage, w in walls.items()})
     metrics["wall_s"] = round(sum(walls.values()), 3)  # stage compute; `funmatch run` replaces it with end-to-end
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    (out / "model.json").write_text(json.dumps(model_card(cfg, info, metrics), indent=1))
+    from funmatch.publish import provenance  # dataset manifest hash, git commit, created time
+
+    card = model_card(cfg, info, metrics) | provenance(dataset_dir)
+    if int8_card:
+        card["int8"] = int8_card
+    (out / "model.json").write_text(json.dumps(card, indent=1))
     log.info("exported %s (%d bytes), ONNX vs PyTorch max abs diff %.2e", out / "model.onnx",
              metrics["export/onnx_bytes"], diff)
     return metrics

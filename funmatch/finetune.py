@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from funmatch import augment, data, models, optim, runtime, storage
+from funmatch import config
 from funmatch.config import Config, split_uris
 from funmatch.evaluate import predict
 
@@ -38,7 +39,8 @@ def given_teacher(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> 
         models.load_init(model, cfg.teacher.arch, storage.fetch(uri, Path(out_dir).parent / ".cache"),
                          load_head=True)
         members.append(model)
-    info = _info(cfg, manifest, finetuned=False, wall_s=clock())
+    info = _info(cfg, manifest, finetuned=False, member_resolutions=config.member_resolutions(cfg.teacher),
+                 wall_s=clock())
     models.save_bundle(out_dir, members, info)
     return info
 

@@ -1,13 +1,17 @@
 """Stage 1, data prep: a source (bundled demo, local or gs:// ImageFolder) → a dataset artifact.
 
 Reads top to bottom: open the source, decode every image to the stored resolution (skipping and
-listing unreadable files), split deterministically when the source has no splits, write shards and
-the manifest. More unreadable files than `data.max_bad_fraction` fails the stage.
+listing unreadable files and copying them into `quarantine/`), split deterministically when the
+source has no splits, write shards and the manifest. More unreadable files than
+`data.max_bad_fraction` fails the stage. An archive source is extracted into `.source/` inside the
+artifact and removed once decoded.
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,10 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     d = cfg.data
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    source = data.open_source(d.source)
+    work = out / ".source"  # an archive source is extracted here, then removed
+    for stale in (work, out / data.QUARANTINE_DIR):
+        shutil.rmtree(stale, ignore_errors=True)
+    source = data.open_source(d.source, d.root, d.download, workdir=work)
     size = d.stored_resolution
 
     # 1. Decode every split the source has (pre-decoded arrays or files).
@@ -41,13 +48,15 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
             images, labels, bad = data.decode_files(pairs, size, d.max_image_pixels, bar.update)
             splits[split] = images, labels
             skipped += bad
+    data.quarantine(source, skipped, out)  # bytes kept for a look, even when the stage fails below
+    shutil.rmtree(work, ignore_errors=True)
     if total and len(skipped) > d.max_bad_fraction * total:
         raise DataError(f"{len(skipped)} of {total} images in {d.source!r} are unreadable, more than "
                         f"data.max_bad_fraction={d.max_bad_fraction}; first: {skipped[0]}")
     if sum(len(lab) for _, lab in splits.values()) == 0:
         raise DataError(f"data.source={d.source!r}: no readable images ({len(skipped)} unreadable)")
     for s in skipped:
-        log.warning("skipped %s: %s", s["path"], s["reason"])
+        log.warning("skipped %s (%s): %s; copy in %s", s["path"], s["kind"], s["reason"], s.get("quarantine"))
 
     # 2. Deterministic, stratified splits when the source has none.
     origin = "source"
@@ -78,7 +87,8 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
         "split_origin": origin,
         "splits": {s: data.write_split(out, s, *splits[s], d.shard_size, len(source.classes))
                    for s in data.SPLITS},
-        "skipped": {"count": len(skipped), "files": skipped},
+        "skipped": {"count": len(skipped), "by_kind": dict(sorted(Counter(s["kind"] for s in skipped).items())),
+                    "quarantine": data.QUARANTINE_DIR if skipped else None, "files": skipped},
         "wall_s": clock(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -81,7 +81,14 @@ def distill(config_json: str, dataset, teacher, checkpoint_root: str, accelerato
 
     cfg = _on_accelerators(config_json, accelerator, num_accelerators)
     ckpt = f"{checkpoint_root.rstrip('/')}/{cfg.hash()}/distill" if checkpoint_root else ""
-    info = stage.run(cfg, dataset.path, teacher.path, student.path, checkpoint_dir=ckpt)
+    if cfg.distill.num_nodes > 1:  # a Kubeflow Trainer TrainJob trains; this task waits and copies the student
+        from components import image  # stdlib-only module: the CUDA image the GPU tasks run
+        from funmatch import trainjob
+
+        info = trainjob.launch_distill(cfg, dataset, teacher, student, checkpoint_root, ckpt,
+                                       image=image("cuda", cfg.resources.image))
+    else:
+        info = stage.run(cfg, dataset.path, teacher.path, student.path, checkpoint_dir=ckpt)
     student.metadata.update({k: info[k] for k in ("arch", "resolution", "setup", "steps", "wall_s")})
 
 
@@ -107,5 +114,4 @@ def export(config_json: str, dataset, teacher, student, report, publish_uri: str
     model.metadata.update({"student_test_prec1": values["student/test/prec@1"],
                            "onnx_max_abs_diff": values["export/onnx_max_abs_diff"]})
     if publish_uri:
-        stage.publish(model.path, publish_uri)
-        model.metadata["published"] = publish_uri
+        model.metadata["published"] = stage.publish(model.path, publish_uri)  # a registry URI gets a version

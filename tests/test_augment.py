@@ -55,7 +55,8 @@ def _smooth_images(n=16, size=40):
 
 def _views(setup, t_res=32, s_res=32, images=None):
     images = _images() if images is None else images
-    return augment.distill_views(images, setup, t_res, s_res, (0.05, 1.0), augment.step_generator(1, 2))
+    teachers, student = augment.distill_views(images, setup, t_res, s_res, (0.05, 1.0), augment.step_generator(1, 2))
+    return (teachers[0] if teachers else None), student
 
 
 def test_consistent_and_funmatch_give_both_models_the_same_view():
@@ -102,6 +103,12 @@ def test_same_step_same_views_other_step_other_views():
     assert torch.equal(a[1], b[1])
     other = augment.distill_views(_images(), "funmatch", 32, 32, (0.05, 1.0), augment.step_generator(1, 3))
     assert not torch.equal(a[1], other[1])
+
+
+def test_ensemble_teachers_get_the_same_crop_at_their_own_resolutions():
+    (t384, t224), s = augment.distill_views(_smooth_images(size=64), "funmatch", (64, 32), 32, (0.05, 1.0),
+                                            augment.step_generator(1, 2))
+    assert t384.shape[-1] == 64 and t224.shape[-1] == 32 and torch.equal(t224, s)
 
 
 def test_eval_view_is_resize_then_central_crop():
