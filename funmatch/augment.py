@@ -92,30 +92,45 @@ def mixup(x: torch.Tensor, a: float) -> torch.Tensor:
 
 
 def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int | Sequence[int], student_res: int,
-                  area_range: tuple[float, float], generator: torch.Generator
-                  ) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+                  area_range: tuple[float, float], generator: torch.Generator,
+                  shard: tuple[int, int] = (0, 1)) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
     """([teacher input per teacher resolution] or None for `fixed`, student input) for one batch.
 
     consistent / funmatch: one crop + flip, resized per model (funmatch adds shared mixup);
     independent: each model its own crop + flip; fixed: the student's random view only (the
     teacher's targets were precomputed on central crops). An ensemble whose teachers run at several
     resolutions (e.g. 384 and 224) gets the same crop at each.
+
+    `shard=(rank, world)`: `images_u8` is the global batch; only this rank's contiguous slice is
+    made, with exactly the randomness (and mixup neighbour) it has in the single-process batch.
     """
     resolutions = [teacher_res] if isinstance(teacher_res, int) else list(teacher_res)
     n, height, width = images_u8.shape[:3]
-    x = to_float_nchw(images_u8)
+    rank, world = shard
+    local = torch.arange(rank * n // world, (rank + 1) * n // world)
     boxes = inception_boxes(n, height, width, area_range, generator)
     flips = torch.rand(n, generator=generator) < 0.5
-    student = value_range(flip(crop_resize(x, boxes, student_res), flips))
+    t_boxes, t_flips = boxes, flips
+    if setup == "independent":
+        t_boxes = inception_boxes(n, height, width, area_range, generator)
+        t_flips = torch.rand(n, generator=generator) < 0.5
+    # Mixup pairs image i with i-1 of the global batch: make the neighbour of the slice's first image too.
+    sharded_mixup = setup == "funmatch" and world > 1
+    rows = torch.cat([(local[:1] - 1) % n, local]) if sharded_mixup else local
+    x = to_float_nchw(images_u8[rows.to(images_u8.device)])
+
+    def view(b: torch.Tensor, f: torch.Tensor, res: int) -> torch.Tensor:
+        return value_range(flip(crop_resize(x, b[rows], res), f[rows]))
+
+    student = view(boxes, flips, student_res)
     if setup == "fixed":
         return None, student
-    if setup == "independent":
-        boxes = inception_boxes(n, height, width, area_range, generator)
-        flips = torch.rand(n, generator=generator) < 0.5
-    teachers = [value_range(flip(crop_resize(x, boxes, r), flips)) for r in resolutions]
+    teachers = [view(t_boxes, t_flips, r) for r in resolutions]
     if setup == "funmatch":
         a = mixup_coefficient(generator)
-        teachers, student = [mixup(t, a) for t in teachers], mixup(student, a)
+        if not sharded_mixup:
+            return [mixup(t, a) for t in teachers], mixup(student, a)
+        return [a * t[1:] + (1 - a) * t[:-1] for t in teachers], a * student[1:] + (1 - a) * student[:-1]
     return teachers, student
 
 

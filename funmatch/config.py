@@ -41,6 +41,7 @@ class DataConfig:
     shard_size: int = 4096  # images per shard file
     max_bad_fraction: float = 0.05  # more unreadable files than this fails the stage
     max_image_pixels: int = 89_478_485  # decompression-bomb limit (Pillow's default)
+    max_train_per_class: int = 0  # keep only the first N train images per class (quick experiments); 0: all
 
 
 @dataclass
@@ -374,6 +375,7 @@ def validate(cfg: Config) -> None:
     _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction", d.val_fraction,
            f"val_fraction + test_fraction < 1 (test_fraction={d.test_fraction})")
     _check(d.shard_size > 0, "data.shard_size", d.shard_size, "a positive integer")
+    _check(d.max_train_per_class >= 0, "data.max_train_per_class", d.max_train_per_class, "0 (all) or a positive integer")
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a fraction in [0, 1]")
     _check(d.max_image_pixels > 0, "data.max_image_pixels", d.max_image_pixels, "a positive integer")
 

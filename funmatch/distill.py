@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -58,6 +59,10 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     clock = runtime.Stopwatch()
     device = runtime.setup(cfg.runtime)
     k, s, seed = cfg.distill, cfg.student, cfg.runtime.seed
+    rank, world, device = _distributed(device)  # torchrun: one process per GPU, the global batch split
+    if k.batch_size % world:
+        raise ConfigError(f"distill.batch_size={k.batch_size} is not allowed: it must divide evenly over "
+                          f"{world} processes (the global batch is preserved)")
 
     # Data: the train split resident on the device as uint8 (views are made there, per batch).
     manifest = data.read_manifest(dataset_dir)
@@ -84,7 +89,10 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         models.load_init(student, s.arch, storage.fetch(s.init, Path(out_dir).parent / ".cache"), load_head=False)
         student.to(device)
     opt = optim.distill_optimizer(student, k.lr, k.weight_decay, k.optimizer)
-    forward = torch.compile(student) if cfg.runtime.compile else student
+    forward = student
+    if world > 1:  # only the student is wrapped: the frozen teacher stays outside DDP
+        forward = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
+    forward = torch.compile(forward) if cfg.runtime.compile else forward
     amp = runtime.autocast(device, cfg.runtime.precision)
 
     views_of = sorted(set(t_res))
@@ -107,7 +115,7 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         val_eval = vx, vy, predict(teachers, vx, t_res, cfg.eval, device)
 
     # Resume from the newest valid checkpoint.
-    start, history = 0, []
+    start, history, loss_window = 0, [], (0.0, 0)
     ckpt = None
     if checkpoint_dir:
         ckpt = CheckpointManager(checkpoint_dir, cfg.hash(), keep=k.keep_checkpoints,
@@ -117,22 +125,24 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         if loaded:
             CheckpointManager.restore(loaded, student, opt)
             start, history = loaded.step, loaded.meta["extra"].get("history", [])
+            loss_window = tuple(loaded.meta["extra"].get("loss_window", (0.0, 0)))  # steps since the last log
             log.info("resumed from %s at step %d of %d", checkpoint_dir, start, steps)
 
     log.info("distill %s→%s, setup %s: %d steps × batch %d (%.4g epochs of %d), t=%g, lr %g, wd %g, %s→%spx on %s",
              t_info["arch"], s.arch, k.setup, steps, k.batch_size, k.epochs, n, k.temperature, k.lr,
              k.weight_decay, t_res, s.resolution, device)
     student.train()
-    running, window = torch.zeros((), device=device), 0
+    running, window = torch.tensor(float(loss_window[0]), device=device), int(loss_window[1])
     bar = tqdm(total=steps * k.batch_size, initial=start * k.batch_size, desc="distill", unit="img",
-               unit_scale=True, mininterval=2, file=sys.stderr)
+               unit_scale=True, mininterval=2, file=sys.stderr, disable=rank > 0)
+    local = slice(rank * k.batch_size // world, (rank + 1) * k.batch_size // world)
     with _Preemption() as preemption:
         for step in range(start, steps):
             g = augment.step_generator(seed, step)
             idx = data.batch_indices(step, k.batch_size, n, seed)
             t_in, s_in = augment.distill_views(images[idx.to(device)], k.setup, views_of, s.resolution,
-                                               (k.crop_min_area, k.crop_max_area), g)
-            target = fixed_logits[idx.to(device)] if fixed_logits is not None else teach(t_in)
+                                               (k.crop_min_area, k.crop_max_area), g, shard=(rank, world))
+            target = fixed_logits[idx[local].to(device)] if fixed_logits is not None else teach(t_in)
             optim.set_lr(opt, k.lr * optim.warmup_cosine(step, k.warmup_steps, steps))
             with amp:
                 loss = kd_loss(forward(s_in), target, k.temperature)
@@ -145,21 +155,30 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
             bar.update(k.batch_size)
             done = step + 1
             if done % k.log_every == 0 or done == steps:
+                if world > 1:
+                    torch.distributed.all_reduce(running)
+                    running /= world
                 entry = {"step": done, "loss": round(running.item() / window, 5), "lr": opt.param_groups[0]["lr"]}
                 running.zero_()
                 window = 0
-                if val_eval and (done % k.eval_every == 0 or done == steps):
+                if val_eval and rank == 0 and (done % k.eval_every == 0 or done == steps):
                     entry |= _val_metrics(student, val_eval, s.resolution, cfg, device)
                     student.train()
                 history.append(entry)
                 bar.set_postfix(loss=entry["loss"])
-            if ckpt and (preemption.requested or done == steps or ckpt.due(done)):
-                ckpt.save(done, student, opt, {"history": history})
-            if preemption.requested:
+            stop = preemption.requested  # read once: a SIGTERM between the two checks still checkpoints
+            if ckpt and rank == 0 and (stop or done == steps or ckpt.due(done)):
+                ckpt.save(done, student, opt, {"history": history, "loss_window": [running.item(), window]})
+            if stop:
                 bar.close()
                 log.warning("SIGTERM: checkpoint written at step %d; exiting for the retry to resume", done)
                 sys.exit(PREEMPTED_EXIT)
     bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if rank > 0:
+            return {"rank": rank, "steps": steps}
 
     student.eval()
     info = {"role": "student", "arch": s.arch, "resolution": s.resolution, "stem_pool": s.stem_pool,
@@ -170,6 +189,19 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     (Path(out_dir) / "history.json").write_text(json.dumps(history))
     log.info("distilled %d steps in %.1fs", steps - start, info["wall_s"])
     return info
+
+
+def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1): nccl on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
 
 
 def _val_metrics(student, val_eval, res: int, cfg: Config, device) -> dict:

@@ -76,6 +76,11 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
         splits["train"] = images[parts[-1]], labels[parts[-1]]
         origin = f"source train/{'/'.join(s for s in ('val', 'test') if s not in missing)} + " \
                  f"stratified {'/'.join(missing)} (seed={d.split_seed})"
+    if d.max_train_per_class:
+        images, labels = splits["train"]
+        keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:d.max_train_per_class]
+                                       for c in range(len(source.classes))]))
+        splits["train"] = images[keep], labels[keep]
     empty = [c for i, c in enumerate(source.classes) if not (splits["train"][1] == i).any()]
     if empty:
         raise DataError(f"data.source={d.source!r}: class(es) {empty} have no readable training images")

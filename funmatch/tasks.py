@@ -87,9 +87,26 @@ def distill(config_json: str, dataset, teacher, checkpoint_root: str, accelerato
 
         info = trainjob.launch_distill(cfg, dataset, teacher, student, checkpoint_root, ckpt,
                                        image=image("cuda", cfg.resources.image))
+    elif num_accelerators > 1:  # one node, several GPUs: one process per GPU, the student under DDP
+        info = torchrun_distill(cfg, dataset.path, teacher.path, student.path, ckpt, num_accelerators)
     else:
         info = stage.run(cfg, dataset.path, teacher.path, student.path, checkpoint_dir=ckpt)
     student.metadata.update({k: info[k] for k in ("arch", "resolution", "setup", "steps", "wall_s")})
+
+
+def torchrun_distill(cfg: config.Config, dataset: str, teacher: str, out: str, checkpoint_dir: str,
+                     nproc: int) -> dict:
+    """`torchrun --standalone --nproc_per_node=N funmatch stage distill ...`; returns the student info."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "funmatch.cli", "stage", "distill", "--config-json", cfg.to_json(), "--dataset", dataset,
+           "--teacher", teacher, "--output", out, "--checkpoint-dir", checkpoint_dir]
+    result = subprocess.run(cmd)
+    if result.returncode:
+        raise SystemExit(result.returncode)  # e.g. 143 after a preemption checkpoint: the task retry resumes
+    return json.loads((Path(out) / "model.json").read_text())
 
 
 def evaluate(config_json: str, dataset, teacher, student, metrics, classification, report) -> None:

@@ -116,3 +116,17 @@ def test_eval_view_is_resize_then_central_crop():
     v = augment.eval_view(x, 32, 0.8)
     assert v.shape == (2, 3, 32, 32) and v.min() >= -1 and v.max() <= 1
     assert torch.allclose(augment.eval_view(x, 40, 1.0), augment.value_range(augment.to_float_nchw(x)))
+
+
+@pytest.mark.parametrize("setup", ["funmatch", "independent", "fixed"])
+def test_sharded_views_are_slices_of_the_global_batch(setup):
+    """Each DDP rank makes its slice with exactly the single-process randomness and mixup neighbour."""
+    images = _images(12)
+    full_t, full_s = augment.distill_views(images, setup, (32, 16), 24, (0.05, 1.0), augment.step_generator(5, 9))
+    for rank in range(3):
+        t, s = augment.distill_views(images, setup, (32, 16), 24, (0.05, 1.0), augment.step_generator(5, 9),
+                                     shard=(rank, 3))
+        part = slice(rank * 4, rank * 4 + 4)
+        assert torch.allclose(s, full_s[part], atol=1e-5)
+        if setup != "fixed":
+            assert all(torch.allclose(a, b[part], atol=1e-5) for a, b in zip(t, full_t))

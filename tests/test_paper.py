@@ -153,3 +153,30 @@ def test_named_dataset_without_root_or_files_is_clear(tmp_path):
         data.check_data("pets", "", False)
     with pytest.raises(DataError, match="torchvision's layout"):
         data.named_source("pets", str(tmp_path), False)
+
+
+# ---------------------------------------------------------------- the reproduction's bookkeeping
+
+def _rows(acc):
+    from funmatch.config import SETUPS
+
+    return [{"setup": s, "epochs": e, "steps": 1, "test_prec@1": acc[s][i], "test_agree@1": 0.9,
+             "final_train_loss": 0.1, "wall_s": 1.0} for s in SETUPS for i, e in enumerate((10, 30, 90))]
+
+
+def test_claims_are_evaluated_from_the_table(tmp_path):
+    from funmatch import experiment
+
+    paper_like = {"fixed": [0.70, 0.72, 0.71], "independent": [0.70, 0.74, 0.76], "consistent": [0.71, 0.76, 0.79],
+                  "funmatch": [0.69, 0.76, 0.80]}
+    assert all(experiment.claims(_rows(paper_like), (10, 30, 90)).values())
+    contrary = paper_like | {"funmatch": [0.75, 0.74, 0.73], "fixed": [0.70, 0.75, 0.81]}
+    c = experiment.claims(_rows(contrary), (10, 30, 90))
+    assert not c["funmatch rises with budget"] and not c["longest budget: consistent > fixed"]
+    assert not c["fixed stops improving at the longest budget"]
+    result = {"size": "cpu", "teacher_test_prec@1": 0.85, "rows": _rows(paper_like), "train_images": 2000,
+              "claims": experiment.claims(_rows(paper_like), (10, 30, 90))}
+    text = experiment.table(result)
+    assert "| funmatch | 0.6900" in text and "**holds**" in text
+    experiment.plot(result, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
