@@ -136,6 +136,7 @@ class RuntimeConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     compile: bool = False  # torch.compile the models (pays off on long GPU runs)
     checkpoint_dir: str = ""  # durable checkpoint location (path or gs://); empty: none
+    resident_max_gb: float = 16.0  # train splits up to this size live on the device as uint8; larger ones stream
 
 
 @dataclass
@@ -445,6 +446,7 @@ def validate(cfg: Config) -> None:
     _check(bool(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", rt.device)), "runtime.device", rt.device,
            "auto, cpu, cuda or cuda:N")
     _check(rt.num_threads >= 0, "runtime.num_threads", rt.num_threads, "a non-negative integer")
+    _check(rt.resident_max_gb >= 0, "runtime.resident_max_gb", rt.resident_max_gb, "a non-negative number of GiB")
     _check(rt.precision in PRECISIONS, "runtime.precision", rt.precision, f"one of {', '.join(PRECISIONS)}")
 
 

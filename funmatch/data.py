@@ -459,6 +459,32 @@ def read_manifest(dataset_dir: str | Path) -> dict:
     return manifest
 
 
+class ShardedImages:
+    """Random access to one split's images through memory-mapped shards: datasets larger than the
+    device (or RAM) stream batch by batch instead of being loaded whole."""
+
+    def __init__(self, dataset_dir: str | Path, split: str) -> None:
+        manifest = read_manifest(dataset_dir)
+        shards = manifest["splits"][split]["shards"]
+        self.shards = [np.load(Path(dataset_dir) / sh["images"], mmap_mode="r", allow_pickle=False) for sh in shards]
+        self.starts = np.cumsum([0] + [len(a) for a in self.shards])
+        self.nbytes = sum(a.nbytes for a in self.shards)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        """The images at `idx` (any order), read shard by shard."""
+        shard = np.searchsorted(self.starts, idx, side="right") - 1
+        out = np.empty((len(idx),) + self.shards[0].shape[1:], dtype=np.uint8)
+        for s in np.unique(shard):
+            rows = np.flatnonzero(shard == s)
+            local = idx[rows] - self.starts[s]
+            order = np.argsort(local)  # sequential reads within a shard
+            out[rows[order]] = self.shards[s][local[order]]
+        return out
+
+
 def load_split(dataset_dir: str | Path, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(images N×S×S×3 uint8, labels N int64) of one split; shard checksums verified."""
     dataset_dir = Path(dataset_dir)

@@ -15,6 +15,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -64,11 +66,11 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         raise ConfigError(f"distill.batch_size={k.batch_size} is not allowed: it must divide evenly over "
                           f"{world} processes (the global batch is preserved)")
 
-    # Data: the train split resident on the device as uint8 (views are made there, per batch).
+    # Data: the train split resident on the device as uint8 (views are made there, per batch), or
+    # streamed from memory-mapped shards, one batch ahead, when it is larger than runtime.resident_max_gb.
     manifest = data.read_manifest(dataset_dir)
-    images_np, _ = data.load_split(dataset_dir, "train")
-    images = torch.from_numpy(images_np).to(device)
-    n = len(images)
+    batches = Batches(dataset_dir, device, cfg.runtime.resident_max_gb)
+    n = batches.n
     steps = optim.total_steps(k.epochs, n, k.batch_size)
     if k.warmup_steps >= steps:
         raise ConfigError(f"distill.warmup_steps={k.warmup_steps} is not allowed: this run has only {steps} "
@@ -89,6 +91,10 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         models.load_init(student, s.arch, storage.fetch(s.init, Path(out_dir).parent / ".cache"), load_head=False)
         student.to(device)
     opt = optim.distill_optimizer(student, k.lr, k.weight_decay, k.optimizer)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # NHWC convs on GPUs
+    student.to(memory_format=fmt)
+    for t in teachers:
+        t.to(memory_format=fmt)
     forward = student
     if world > 1:  # only the student is wrapped: the frozen teacher stays outside DDP
         forward = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
@@ -105,7 +111,8 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     # `fixed`: the teacher's targets once per image, on the central crop, reused every step.
     fixed_logits = None
     if k.setup == "fixed":
-        fixed_logits = predict(teachers, images.cpu(), t_res, cfg.eval, device).to(device)
+        fixed_logits = predict(teachers, torch.from_numpy(data.load_split(dataset_dir, "train")[0]), t_res,
+                               cfg.eval, device).to(device)
 
     # Validation set for curves during training (teacher logits computed once).
     val_eval = None
@@ -136,12 +143,20 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     bar = tqdm(total=steps * k.batch_size, initial=start * k.batch_size, desc="distill", unit="img",
                unit_scale=True, mininterval=2, file=sys.stderr, disable=rank > 0)
     local = slice(rank * k.batch_size // world, (rank + 1) * k.batch_size // world)
+    timed_from = start + min(10, (steps - start) // 4)  # steady-state throughput: after warm-up / compile
+    timer = 0.0
     with _Preemption() as preemption:
         for step in range(start, steps):
             g = augment.step_generator(seed, step)
             idx = data.batch_indices(step, k.batch_size, n, seed)
-            t_in, s_in = augment.distill_views(images[idx.to(device)], k.setup, views_of, s.resolution,
+            t_in, s_in = augment.distill_views(batches.get(step, idx, k.batch_size, seed), k.setup, views_of, s.resolution,
                                                (k.crop_min_area, k.crop_max_area), g, shard=(rank, world))
+            if step == timed_from:
+                _sync(device)
+                timer = time.perf_counter()
+            if fmt is torch.channels_last:
+                s_in = s_in.contiguous(memory_format=fmt)
+                t_in = t_in and [t.contiguous(memory_format=fmt) for t in t_in]
             target = fixed_logits[idx[local].to(device)] if fixed_logits is not None else teach(t_in)
             optim.set_lr(opt, k.lr * optim.warmup_cosine(step, k.warmup_steps, steps))
             with amp:
@@ -173,6 +188,10 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
                 bar.close()
                 log.warning("SIGTERM: checkpoint written at step %d; exiting for the retry to resume", done)
                 sys.exit(PREEMPTED_EXIT)
+    _sync(device)
+    measured = {"img_per_s": round((steps - timed_from) * k.batch_size / (time.perf_counter() - timer), 1)
+                if steps > timed_from else None,
+                "peak_mem_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
     bar.close()
     if world > 1:
         torch.distributed.barrier()
@@ -184,11 +203,44 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     info = {"role": "student", "arch": s.arch, "resolution": s.resolution, "stem_pool": s.stem_pool,
             "classes": manifest["classes"], "crop_pct": cfg.eval.crop_pct, "teacher": t_info["arch"],
             "teacher_resolution": t_res[0], "setup": k.setup, "steps": steps, "epochs": k.epochs,
-            "images_seen": steps * k.batch_size, "config_hash": cfg.hash(), "wall_s": clock()}
+            "images_seen": steps * k.batch_size, "config_hash": cfg.hash(), "wall_s": clock()} | measured
     models.save_bundle(out_dir, [student.cpu()], info)
     (Path(out_dir) / "history.json").write_text(json.dumps(history))
     log.info("distilled %d steps in %.1fs", steps - start, info["wall_s"])
     return info
+
+
+class Batches:
+    """uint8 NHWC batches of the train split on the device: gathered from a resident copy, or read
+    from the memory-mapped shards with the next batch prefetched in a background thread."""
+
+    def __init__(self, dataset_dir: str | Path, device: torch.device, resident_max_gb: float) -> None:
+        self.device = device
+        self.source = data.ShardedImages(dataset_dir, "train")
+        self.n = len(self.source)
+        self.resident = None
+        if self.source.nbytes <= resident_max_gb * 2**30:
+            images, _ = data.load_split(dataset_dir, "train")  # checksums verified
+            self.resident = torch.from_numpy(images).to(device)
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._next: tuple[int, Future] | None = None
+
+    def _read(self, idx: torch.Tensor) -> torch.Tensor:
+        batch = torch.from_numpy(self.source.gather(idx.numpy()))
+        return batch.pin_memory() if self.device.type == "cuda" else batch
+
+    def get(self, step: int, idx: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+        if self.resident is not None:
+            return self.resident[idx.to(self.device)]
+        host = self._next[1].result() if self._next and self._next[0] == step else self._read(idx)
+        ahead = data.batch_indices(step + 1, batch_size, self.n, seed)
+        self._next = (step + 1, self._pool.submit(self._read, ahead))
+        return host.to(self.device, non_blocking=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
