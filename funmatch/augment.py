@@ -91,9 +91,10 @@ def mixup(x: torch.Tensor, a: float) -> torch.Tensor:
     return a * x + (1.0 - a) * x.roll(1, dims=0)
 
 
-def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int | Sequence[int], student_res: int,
-                  area_range: tuple[float, float], generator: torch.Generator,
-                  shard: tuple[int, int] = (0, 1)) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int | Sequence[int],
+                  student_res: int | Sequence[int], area_range: tuple[float, float], generator: torch.Generator,
+                  shard: tuple[int, int] = (0, 1)
+                  ) -> tuple[list[torch.Tensor] | None, torch.Tensor | list[torch.Tensor]]:
     """([teacher input per teacher resolution] or None for `fixed`, student input) for one batch.
 
     consistent / funmatch: one crop + flip, resized per model (funmatch adds shared mixup);
@@ -103,6 +104,7 @@ def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int | Sequen
 
     `shard=(rank, world)`: `images_u8` is the global batch; only this rank's contiguous slice is
     made, with exactly the randomness (and mixup neighbour) it has in the single-process batch.
+    A list of student resolutions (several students) gives a list of student views of the same crop.
     """
     resolutions = [teacher_res] if isinstance(teacher_res, int) else list(teacher_res)
     n, height, width = images_u8.shape[:3]
@@ -122,16 +124,13 @@ def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int | Sequen
     def view(b: torch.Tensor, f: torch.Tensor, res: int) -> torch.Tensor:
         return value_range(flip(crop_resize(x, b[rows], res), f[rows]))
 
-    student = view(boxes, flips, student_res)
-    if setup == "fixed":
-        return None, student
-    teachers = [view(t_boxes, t_flips, r) for r in resolutions]
+    students = [view(boxes, flips, r) for r in ([student_res] if isinstance(student_res, int) else student_res)]
+    teachers = None if setup == "fixed" else [view(t_boxes, t_flips, r) for r in resolutions]
     if setup == "funmatch":
         a = mixup_coefficient(generator)
-        if not sharded_mixup:
-            return [mixup(t, a) for t in teachers], mixup(student, a)
-        return [a * t[1:] + (1 - a) * t[:-1] for t in teachers], a * student[1:] + (1 - a) * student[:-1]
-    return teachers, student
+        mix = (lambda v: mixup(v, a)) if not sharded_mixup else (lambda v: a * v[1:] + (1 - a) * v[:-1])
+        teachers, students = [mix(t) for t in teachers], [mix(v) for v in students]
+    return teachers, (students[0] if isinstance(student_res, int) else students)
 
 
 def eval_view(images_u8: torch.Tensor, res: int, crop_pct: float) -> torch.Tensor:

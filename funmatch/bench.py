@@ -199,7 +199,13 @@ def cmd_onnx(args) -> int:
 
 
 # `bench distill` (throughput of the distillation step) goes here next to `onnx`.
-COMMANDS: dict[str, Callable] = {"onnx": cmd_onnx}
+def cmd_distill(args) -> int:
+    from funmatch import bench_distill  # the GPU loop benchmark lives with its baselines
+
+    return bench_distill.command(args)
+
+
+COMMANDS: dict[str, Callable] = {"onnx": cmd_onnx, "distill": cmd_distill}
 
 
 def command(args) -> int:

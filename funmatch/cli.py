@@ -3,6 +3,8 @@
     funmatch run [--preset NAME] [--set KEY=VALUE ...] [--output DIR]   compile the DAG and run it locally
     funmatch compile [--preset NAME] [--set ...] --output pipeline.yaml  KFP IR YAML for the Kubeflow UI
     funmatch presets [--json]                                            presets, expectations, configs
+    funmatch fault-test [--preset demo-tiny] [--kills 5] [--signal KILL|TERM|both] [--json PATH]
+                                                    kill distill at random steps, resume, compare weights
     funmatch stage distill --config-json JSON --dataset URI --teacher URI --output URI
                                                     one stage in this process (each process of a TrainJob)
 
@@ -45,8 +47,30 @@ def parser() -> argparse.ArgumentParser:
     _config_args(comp)
     comp.add_argument("--output", required=True, metavar="PIPELINE_YAML")
 
+    exp = sub.add_parser("experiment", help="small-scale reproductions of the paper's claims")
+    exp.add_argument("name", choices=["teaching-setups"], help="teaching-setups: the four setups at three budgets")
+    exp.add_argument("--size", choices=["cpu", "gpu", "smoke"], default="cpu",
+                     help="cpu: <= 10 min on 2 cores; gpu: <= 8 min on one H100/H200; smoke: seconds (tests)")
+    exp.add_argument("--output", default="runs/teaching-setups", metavar="DIR")
+
     pre = sub.add_parser("presets", help="list presets with description, expected metric and runtime")
     pre.add_argument("--json", action="store_true", help="print every preset's fully resolved config as JSON")
+
+    ft = sub.add_parser("fault-test", help="kill the distill stage at seeded random steps, resume it, compare weights",
+                        description="Runs the distill stage on the CPU in a worker process: once uninterrupted, "
+                                    "then killed at --kills seeded random steps and restarted from its checkpoints "
+                                    "after each kill. Passes when the final weights are bit-identical, every kill "
+                                    "was survived and no committed checkpoint was lost (see docs/reliability.md). "
+                                    "Preset: demo-tiny unless --preset says otherwise.")
+    _config_args(ft)
+    ft.set_defaults(preset="demo-tiny")
+    ft.add_argument("--kills", type=int, default=5, help="kills per signal (default: 5)")
+    ft.add_argument("--signal", choices=["KILL", "TERM", "both"], default="KILL",
+                    help="KILL: SIGKILL anywhere; TERM: preemption notice, checkpoint and exit 143 (default: KILL)")
+    ft.add_argument("--seed", type=int, default=0, help="picks the kill steps (default: 0)")
+    ft.add_argument("--json", metavar="PATH", help="write the full report as JSON")
+    ft.add_argument("--workdir", metavar="DIR", help="keep runs, checkpoints and worker logs here (default: a "
+                                                     "temporary directory, removed afterwards)")
 
     bench = sub.add_parser("bench", help="measure on this machine (bench onnx: CPU latency of torch, ORT fp32, ORT INT8)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -67,6 +91,15 @@ def parser() -> argparse.ArgumentParser:
                       help="INT8 calibration images: bundled demo images (eval view) or uniform noise (default: demo)")
     onnx.add_argument("--calibration-images", type=int, default=32, help="number of calibration images (default: 32)")
     onnx.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    bd = bench_sub.add_parser(
+        "distill", help="the real distill loop vs plain-PyTorch baselines (naive fp32, bf16+channels_last+compile)",
+        description="Runs funmatch's distill loop (dataset artifact → augmentation → teacher → student → optimizer) "
+                    "on synthetic data with the preset's models, resolutions and batch, then the baselines of "
+                    "shared/tools/gpu_anchor128.py in the same process; prints img/s, MFU, peak memory and ratios.")
+    _config_args(bd)
+    bd.add_argument("--steps", type=int, default=20, help="timed steps of each case (default: 20)")
+    bd.add_argument("--no-compile-baseline", action="store_true", help="skip the torch.compile baseline")
+    bd.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     stage = sub.add_parser("stage", help="run one stage in this process (what a multi-node TrainJob's pods run)")
     stage_sub = stage.add_subparsers(dest="stage", required=True)
     sd = stage_sub.add_parser(
@@ -81,6 +114,26 @@ def parser() -> argparse.ArgumentParser:
     sd.add_argument("--checkpoint-dir", default="", metavar="URI", help="step checkpoints (resume; default: none)")
     sd.add_argument("--cache-dir", default="", metavar="DIR",
                     help="local copies of gs:// inputs (default: $FUNMATCH_CACHE_DIR, else a temp dir)")
+    pull = sub.add_parser("pull", help="download a published model version, verify it against SHA256SUMS, print its card",
+                          description="Resolves gs://BUCKET/models/NAME (its latest.json) or NAME@VERSION, downloads "
+                                      "every file SHA256SUMS lists, checks each sha256 and only then moves them into "
+                                      "DIR. A mismatch is refused (exit 2) and DIR is left as it was.")
+    pull.add_argument("source", metavar="gs://BUCKET/models/NAME[@VERSION|@latest]")
+    pull.add_argument("dest", metavar="DIR")
+    for verb, text in (("submit", "upload the compiled pipeline to Kubeflow Pipelines as a version and start a run"),
+                       ("schedule", "create or update a recurring run of the compiled pipeline on Kubeflow Pipelines")):
+        kp = sub.add_parser(verb, help=text, description=f"{text}. The pipeline version is named <package version>-"
+                            "<config hash> and reused when it exists. Auth: KF_PIPELINES_TOKEN, else the service "
+                            "account token file (KF_PIPELINES_SA_TOKEN_PATH), else Google default credentials.")
+        _config_args(kp)
+        kp.add_argument("--host", required=True, metavar="URL", help="KFP API endpoint, e.g. https://HOST/pipeline")
+        kp.add_argument("--experiment", default="funmatch", metavar="NAME", help="experiment (default: funmatch)")
+        kp.add_argument("--namespace", default=None, help="profile namespace on a multi-user KFP")
+        kp.add_argument("--publish-uri", default="", metavar="URI",
+                        help="where export publishes, e.g. gs://BUCKET/models/NAME (default: nowhere)")
+        if verb == "schedule":
+            kp.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 3 * * 0' = Sundays 03:00")
+            kp.add_argument("--name", default=None, help="recurring run name (default: funmatch-<preset>)")
     return p
 
 
@@ -125,6 +178,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from funmatch import experiment
+
+    result = experiment.teaching_setups(args.size, args.output)
+    print(experiment.table(result))
+    print(f"funmatch: wrote {args.output}/results.json, table.md and setups.png in {result['wall_s']:.0f}s")
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     described = config.describe_presets()
     if args.json:
@@ -154,10 +216,35 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    from funmatch import publish  # google-cloud-storage is imported only when a gs:// URI is read
+
+    return publish.cmd_pull(args)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from funmatch import kfp_client  # kfp is imported inside it
+
+    return kfp_client.cmd_submit(args)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from funmatch import kfp_client
+
+    return kfp_client.cmd_schedule(args)
+
+
+def cmd_fault_test(args: argparse.Namespace) -> int:
+    from funmatch import faults
+
+    return faults.command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    handler = {"run": cmd_run, "compile": cmd_compile, "presets": cmd_presets, "bench": cmd_bench,
-               "stage": cmd_stage}[args.command]
+    handler = {"run": cmd_run, "compile": cmd_compile, "presets": cmd_presets, "experiment": cmd_experiment, "bench": cmd_bench,
+               "stage": cmd_stage, "fault-test": cmd_fault_test,
+               "pull": cmd_pull, "submit": cmd_submit, "schedule": cmd_schedule}[args.command]
     try:
         return handler(args)
     except FunmatchError as e:

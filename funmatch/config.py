@@ -21,6 +21,9 @@ import yaml
 from funmatch.errors import ConfigError
 
 SETUPS = ("fixed", "independent", "consistent", "funmatch")
+NOT_HASHED = {"distill.log_every", "distill.eval_every", "distill.checkpoint_every_steps",
+              "distill.checkpoint_every_minutes", "distill.keep_checkpoints", "distill.num_nodes",
+              "runtime.device", "runtime.num_threads", "runtime.checkpoint_dir", "runtime.resident_max_gb"}
 NAMED_DATASETS = ("flowers102", "pets", "food101", "sun397", "imagenet")
 OPTIMIZERS = ("adam", "shampoo")
 STEM_POOLS = ("zero_pad", "neg_inf_pad")
@@ -87,6 +90,7 @@ class DistillConfig:
     warmup_steps: int = 1500
     grad_clip_norm: float = 1.0
     optimizer: str = "adam"
+    extra_students: str = ""  # more students fed by the same teacher forward: 'arch@res,arch@res'
     crop_min_area: float = 0.05  # inception crop area range (fraction of the image)
     crop_max_area: float = 1.0
     log_every: int = 50  # steps between host syncs for logging
@@ -175,11 +179,13 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def hash(self, *sections: str) -> str:
-        """Short sha256 of the given sections (all result-relevant ones by default)."""
+        """Short sha256 of the given sections (all result-relevant ones by default). Settings that do
+        not change the trained weights (logging, checkpoint cadence, node count, device) are left out,
+        so a run can resume with them changed."""
         sections = sections or ("data", "teacher", "student", "finetune", "distill", "runtime")
         d = self.to_dict()
-        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        kept = {s: {k: v for k, v in d[s].items() if f"{s}.{k}" not in NOT_HASHED} for s in sections}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- keys, types, parsing
@@ -415,6 +421,9 @@ def validate(cfg: Config) -> None:
     _check(k.warmup_steps >= 0, "distill.warmup_steps", k.warmup_steps, "a non-negative integer")
     _check(k.grad_clip_norm > 0, "distill.grad_clip_norm", k.grad_clip_norm, "a positive number")
     _check(k.optimizer in OPTIMIZERS, "distill.optimizer", k.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+    for i, (arch, res) in enumerate(extra_students(k)):
+        models.check_arch(f"distill.extra_students[{i}]", arch)
+        models.check_resolution(f"distill.extra_students[{i}]", arch, res)
     _check(0 < k.crop_min_area <= k.crop_max_area <= 1, "distill.crop_min_area", k.crop_min_area,
            f"0 < crop_min_area <= crop_max_area <= 1 (crop_max_area={k.crop_max_area})")
     _check(k.log_every > 0, "distill.log_every", k.log_every, "a positive integer")
@@ -448,6 +457,18 @@ def validate(cfg: Config) -> None:
     _check(rt.num_threads >= 0, "runtime.num_threads", rt.num_threads, "a non-negative integer")
     _check(rt.resident_max_gb >= 0, "runtime.resident_max_gb", rt.resident_max_gb, "a non-negative number of GiB")
     _check(rt.precision in PRECISIONS, "runtime.precision", rt.precision, f"one of {', '.join(PRECISIONS)}")
+
+
+def extra_students(k: DistillConfig) -> list[tuple[str, int]]:
+    """distill.extra_students 'bit-r50x1@160,mobilenetv3-large-gn@224' → [(arch, res), ...]."""
+    out = []
+    for item in filter(None, (i.strip() for i in k.extra_students.split(","))):
+        arch, _, res = item.partition("@")
+        if not res.isdigit():
+            raise ConfigError(f"distill.extra_students={k.extra_students!r} is not allowed: expected "
+                              "comma-separated ARCH@RESOLUTION entries such as 'bit-r50x1@160'")
+        out.append((arch, int(res)))
+    return out
 
 
 def member_resolutions(teacher: TeacherConfig) -> list[int]:

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from funmatch import augment, data, models, optim, runtime, storage
 from funmatch.checkpoint import CheckpointManager
+from funmatch import config
 from funmatch.config import Config, split_uris
 from funmatch.errors import ConfigError, DataError
 from funmatch.evaluate import distances, predict, resolutions
@@ -84,24 +86,18 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     teachers = [models.freeze(t) for t in teachers]
     t_res = resolutions(t_info)  # one per ensemble member
 
-    # Student: from scratch with a zero head (the paper's default), optimizer, schedule.
-    student = models.create_model(s.arch, manifest["num_classes"], stem_pool=s.stem_pool, zero_head=s.zero_head,
-                                  device=device)
-    if split_uris(s.init):
-        models.load_init(student, s.arch, storage.fetch(s.init, Path(out_dir).parent / ".cache"), load_head=False)
-        student.to(device)
-    opt = optim.distill_optimizer(student, k.lr, k.weight_decay, k.optimizer)
+    # Students: from scratch with a zero head (the paper's default), each with its own optimizer and
+    # checkpoints; one teacher forward per step feeds all of them.
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # NHWC convs on GPUs
-    student.to(memory_format=fmt)
     for t in teachers:
         t.to(memory_format=fmt)
-    forward = student
-    if world > 1:  # only the student is wrapped: the frozen teacher stays outside DDP
-        forward = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-    forward = torch.compile(forward) if cfg.runtime.compile else forward
+    specs = [(s.arch, s.resolution)] + config.extra_students(k)
+    learners = [_learner(cfg, arch, res, manifest["num_classes"], device, fmt, world, out_dir,
+                         f"{checkpoint_dir}{'' if i == 0 else f'-extra{i}'}" if checkpoint_dir else "",
+                         allow_config_change) for i, (arch, res) in enumerate(specs)]
     amp = runtime.autocast(device, cfg.runtime.precision)
-
     views_of = sorted(set(t_res))
+    student_res = [r for _, r in specs]
 
     def teach(views: list[torch.Tensor]) -> torch.Tensor:
         by_res = dict(zip(views_of, views))
@@ -121,25 +117,13 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         vx, vy = torch.from_numpy(vx), torch.from_numpy(vy)
         val_eval = vx, vy, predict(teachers, vx, t_res, cfg.eval, device)
 
-    # Resume from the newest valid checkpoint.
-    start, history, loss_window = 0, [], (0.0, 0)
-    ckpt = None
-    if checkpoint_dir:
-        ckpt = CheckpointManager(checkpoint_dir, cfg.hash(), keep=k.keep_checkpoints,
-                                 every_steps=k.checkpoint_every_steps, every_minutes=k.checkpoint_every_minutes,
-                                 allow_config_change=allow_config_change)
-        loaded = ckpt.load_latest()
-        if loaded:
-            CheckpointManager.restore(loaded, student, opt)
-            start, history = loaded.step, loaded.meta["extra"].get("history", [])
-            loss_window = tuple(loaded.meta["extra"].get("loss_window", (0.0, 0)))  # steps since the last log
-            log.info("resumed from %s at step %d of %d", checkpoint_dir, start, steps)
-
+    # Resume every student from its newest valid checkpoint (they are saved at the same steps).
+    start = min(lr.start for lr in learners)
+    if start:
+        log.info("resumed from %s at step %d of %d", checkpoint_dir, start, steps)
     log.info("distill %s→%s, setup %s: %d steps × batch %d (%.4g epochs of %d), t=%g, lr %g, wd %g, %s→%spx on %s",
-             t_info["arch"], s.arch, k.setup, steps, k.batch_size, k.epochs, n, k.temperature, k.lr,
-             k.weight_decay, t_res, s.resolution, device)
-    student.train()
-    running, window = torch.tensor(float(loss_window[0]), device=device), int(loss_window[1])
+             t_info["arch"], ", ".join(a for a, _ in specs), k.setup, steps, k.batch_size, k.epochs, n,
+             k.temperature, k.lr, k.weight_decay, t_res, student_res, device)
     bar = tqdm(total=steps * k.batch_size, initial=start * k.batch_size, desc="distill", unit="img",
                unit_scale=True, mininterval=2, file=sys.stderr, disable=rank > 0)
     local = slice(rank * k.batch_size // world, (rank + 1) * k.batch_size // world)
@@ -149,41 +133,30 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         for step in range(start, steps):
             g = augment.step_generator(seed, step)
             idx = data.batch_indices(step, k.batch_size, n, seed)
-            t_in, s_in = augment.distill_views(batches.get(step, idx, k.batch_size, seed), k.setup, views_of, s.resolution,
-                                               (k.crop_min_area, k.crop_max_area), g, shard=(rank, world))
+            t_in, s_in = augment.distill_views(batches.get(step, idx, k.batch_size, seed), k.setup, views_of,
+                                               student_res, (k.crop_min_area, k.crop_max_area), g,
+                                               shard=(rank, world))
             if step == timed_from:
                 _sync(device)
                 timer = time.perf_counter()
             if fmt is torch.channels_last:
-                s_in = s_in.contiguous(memory_format=fmt)
+                s_in = [x.contiguous(memory_format=fmt) for x in s_in]
                 t_in = t_in and [t.contiguous(memory_format=fmt) for t in t_in]
             target = fixed_logits[idx[local].to(device)] if fixed_logits is not None else teach(t_in)
-            optim.set_lr(opt, k.lr * optim.warmup_cosine(step, k.warmup_steps, steps))
-            with amp:
-                loss = kd_loss(forward(s_in), target, k.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), k.grad_clip_norm)
-            opt.step()
-            running += loss.detach()
-            window += 1
+            lr_now = k.lr * optim.warmup_cosine(step, k.warmup_steps, steps)
+            for learner, x in zip(learners, s_in):
+                learner.step(x, target, lr_now, amp, k)
             bar.update(k.batch_size)
             done = step + 1
             if done % k.log_every == 0 or done == steps:
-                if world > 1:
-                    torch.distributed.all_reduce(running)
-                    running /= world
-                entry = {"step": done, "loss": round(running.item() / window, 5), "lr": opt.param_groups[0]["lr"]}
-                running.zero_()
-                window = 0
-                if val_eval and rank == 0 and (done % k.eval_every == 0 or done == steps):
-                    entry |= _val_metrics(student, val_eval, s.resolution, cfg, device)
-                    student.train()
-                history.append(entry)
-                bar.set_postfix(loss=entry["loss"])
+                for learner in learners:
+                    learner.log(done, world, val_eval if rank == 0 and k.eval_every and
+                                (done % k.eval_every == 0 or done == steps) else None, cfg, device)
+                bar.set_postfix(loss=learners[0].history[-1]["loss"])
             stop = preemption.requested  # read once: a SIGTERM between the two checks still checkpoints
-            if ckpt and rank == 0 and (stop or done == steps or ckpt.due(done)):
-                ckpt.save(done, student, opt, {"history": history, "loss_window": [running.item(), window]})
+            if rank == 0 and learners[0].ckpt and (stop or done == steps or learners[0].ckpt.due(done)):
+                for learner in learners:
+                    learner.save(done)
             if stop:
                 bar.close()
                 log.warning("SIGTERM: checkpoint written at step %d; exiting for the retry to resume", done)
@@ -199,15 +172,84 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         if rank > 0:
             return {"rank": rank, "steps": steps}
 
-    student.eval()
-    info = {"role": "student", "arch": s.arch, "resolution": s.resolution, "stem_pool": s.stem_pool,
-            "classes": manifest["classes"], "crop_pct": cfg.eval.crop_pct, "teacher": t_info["arch"],
-            "teacher_resolution": t_res[0], "setup": k.setup, "steps": steps, "epochs": k.epochs,
-            "images_seen": steps * k.batch_size, "config_hash": cfg.hash(), "wall_s": clock()} | measured
-    models.save_bundle(out_dir, [student.cpu()], info)
-    (Path(out_dir) / "history.json").write_text(json.dumps(history))
+    common = {"role": "student", "classes": manifest["classes"], "crop_pct": cfg.eval.crop_pct,
+              "teacher": t_info["arch"], "teacher_resolution": t_res[0], "setup": k.setup, "steps": steps,
+              "epochs": k.epochs, "images_seen": steps * k.batch_size, "config_hash": cfg.hash(), "wall_s": clock()}
+    for i, learner in enumerate(learners):
+        target_dir = Path(out_dir) if i == 0 else Path(out_dir) / f"extra-{i}"
+        learner.model.eval()
+        models.save_bundle(target_dir, [learner.model.cpu()],
+                           common | {"arch": learner.arch, "resolution": learner.res, "stem_pool": s.stem_pool})
+        (target_dir / "history.json").write_text(json.dumps(learner.history))
+    info = common | {"arch": s.arch, "resolution": s.resolution, "stem_pool": s.stem_pool,
+                     "extra_students": [f"extra-{i}" for i in range(1, len(learners))]} | measured
+    (Path(out_dir) / "model.json").write_text(json.dumps(info | {"members": ["member-0.safetensors"]}, indent=1))
     log.info("distilled %d steps in %.1fs", steps - start, info["wall_s"])
     return info
+
+
+class Learner:
+    """One student: model, optimizer, DDP/compiled forward, checkpoints, running loss and history."""
+
+    def __init__(self, arch: str, res: int, model, opt, forward, ckpt: CheckpointManager | None) -> None:
+        self.arch, self.res, self.model, self.opt, self.forward, self.ckpt = arch, res, model, opt, forward, ckpt
+        self.start, self.history = 0, []
+        self.running, self.window = torch.zeros((), device=next(model.parameters()).device), 0
+        if ckpt and (loaded := ckpt.load_latest()):
+            CheckpointManager.restore(loaded, model, opt)
+            self.start, self.history = loaded.step, loaded.meta["extra"].get("history", [])
+            running, self.window = loaded.meta["extra"].get("loss_window", (0.0, 0))  # steps since the last log
+            self.running.fill_(float(running))
+        model.train()
+
+    def step(self, x: torch.Tensor, target: torch.Tensor, lr: float, amp, k) -> None:
+        optim.set_lr(self.opt, lr)
+        with amp:
+            loss = kd_loss(self.forward(x), target, k.temperature)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), k.grad_clip_norm)
+        self.opt.step()
+        self.running += loss.detach()
+        self.window += 1
+
+    def log(self, done: int, world: int, val_eval, cfg: Config, device) -> None:
+        if world > 1:
+            torch.distributed.all_reduce(self.running)
+            self.running /= world
+        entry = {"step": done, "loss": round(self.running.item() / self.window, 5),
+                 "lr": self.opt.param_groups[0]["lr"]}
+        self.running.zero_()
+        self.window = 0
+        if val_eval:
+            entry |= _val_metrics(self.model, val_eval, self.res, cfg, device)
+            self.model.train()
+        self.history.append(entry)
+
+    def save(self, done: int) -> None:
+        self.ckpt.save(done, self.model, self.opt,
+                       {"history": self.history, "loss_window": [self.running.item(), self.window]})
+
+
+def _learner(cfg: Config, arch: str, res: int, num_classes: int, device, fmt, world: int, out_dir,
+             checkpoint_dir: str, allow_config_change: bool) -> Learner:
+    s, k = cfg.student, cfg.distill
+    # Initialised from (seed, arch, resolution): a student starts the same alone or beside others.
+    torch.manual_seed(zlib.crc32(f"{cfg.runtime.seed}:{arch}:{res}".encode()))
+    model = models.create_model(arch, num_classes, stem_pool=s.stem_pool, zero_head=s.zero_head, device=device)
+    if split_uris(s.init) and arch == s.arch:
+        models.load_init(model, arch, storage.fetch(s.init, Path(out_dir).parent / ".cache"), load_head=False)
+        model.to(device)
+    model.to(memory_format=fmt)
+    opt = optim.distill_optimizer(model, k.lr, k.weight_decay, k.optimizer)
+    forward = model
+    if world > 1:  # only students are wrapped: the frozen teacher stays outside DDP
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    forward = torch.compile(forward) if cfg.runtime.compile else forward
+    ckpt = CheckpointManager(checkpoint_dir, cfg.hash(), keep=k.keep_checkpoints, every_steps=k.checkpoint_every_steps,
+                             every_minutes=k.checkpoint_every_minutes,
+                             allow_config_change=allow_config_change) if checkpoint_dir else None
+    return Learner(arch, res, model, opt, forward, ckpt)
 
 
 class Batches:

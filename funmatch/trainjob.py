@@ -19,20 +19,24 @@ be a gs:// URI for `num_nodes > 1` (the pods share no file system with the launc
 - checkpoints: `<root>/<config hash>/distill`, as on one node, so a retry resumes;
 - student: rank 0 uploads it to `<root>/<config hash>/trainjob/<job>/student`, then the launcher
   copies it into the KFP output artifact.
-A copied tree is complete once its `_FUNMATCH_COMPLETE` marker exists (written last).
+A copied tree is complete once its `_FUNMATCH_COMPLETE` marker exists (written last). With local
+paths (one node: `tasks.torchrun_distill`; tests) nothing is copied and no marker is written.
 
 Lifecycle: the job name is derived from the output artifact, so a retry of the launcher finds the
 job of the attempt before it: an identical job that has not failed is adopted, anything else is
 deleted and created anew (training resumes from the checkpoints). A Failed condition raises
-`TrainJobError` with the reason, the message and where to read the pods' logs; the failed job is
-kept for inspection. SIGTERM (the run cancelled, the launcher pod evicted) or any other error of the
-launcher deletes the TrainJob, so no GPUs are left running unattended. When the launcher runs in a
-KFP pod, the TrainJob is also owned by that pod, so deleting the pod removes it.
+`TrainJobFailed` with the reason, the message and where to read the pods' logs; the failed job is
+kept for inspection. API-server blips (5xx, resets) are ridden out for 15 minutes. SIGTERM (the run
+cancelled, the launcher pod evicted) or any other error of the launcher deletes the TrainJob, so no
+GPUs are left running unattended. When the launcher runs in a KFP pod, the TrainJob is also owned
+by that pod, so deleting the pod removes it.
 
 The launcher's service account needs create/get/list/watch/delete on `trainjobs.trainer.kubeflow.org`
-in its namespace (manifests/trainjob-launcher-rbac.yaml). The pods run under the same service
+in its namespace (manifests/base/namespaced/rbac.yaml). The pods run under the same service
 account (read from the launcher's token; `FUNMATCH_TRAINJOB_SERVICE_ACCOUNT` overrides), so they
-have its GCS access.
+have its GCS access. `FUNMATCH_TRAINJOB_RUNTIME` names another runtime than `torch-distributed`
+(e.g. the project's `funmatch-distill`, manifests/base/cluster/trainingruntime.yaml); it must have
+the replicated job and container `node`.
 
 `kubernetes` and `kubeflow_trainer_api` are imported inside the functions that use them.
 """
@@ -44,7 +48,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -279,11 +282,19 @@ def _explain(e, what: str, namespace: str) -> TrainJobError:
     except (ValueError, AttributeError):
         body = str(e.body or "")[:500]
     hint = {403: f"the pipeline's service account needs create/get/list/watch/delete on "
-                 f"trainjobs.{GROUP} in namespace {namespace} (manifests/trainjob-launcher-rbac.yaml)",
+                 f"trainjobs.{GROUP} in namespace {namespace} (manifests/base/namespaced/rbac.yaml)",
             404: f"is Kubeflow Trainer v2 ({API_VERSION}) installed on this cluster?",
             422: "the cluster rejected the TrainJob (Trainer version other than v2.3?)"}.get(e.status, "")
     return TrainJobError(f"cannot {what}: HTTP {e.status} {e.reason}: {body}".rstrip(": ") +
                          (f"; {hint}" if hint else ""))
+
+
+def _short(e: BaseException) -> str:
+    """An exception in one line (ApiException's str is a multi-line dump)."""
+    if getattr(e, "status", None) is not None and hasattr(e, "reason"):
+        return f"HTTP {e.status} {e.reason}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _get(api, namespace: str, name: str) -> dict | None:
@@ -294,7 +305,26 @@ def _get(api, namespace: str, name: str) -> dict | None:
     except ApiException as e:
         if e.status == 404:
             return None
-        raise _explain(e, f"read TrainJob {namespace}/{name}", namespace) from None
+        if e.status in (401, 403):
+            raise _explain(e, f"read TrainJob {namespace}/{name}", namespace) from None
+        raise
+
+
+def _get_patiently(api, namespace: str, name: str, outage_s: float, retry_s: float) -> dict | None:
+    """`_get`, riding out API-server restarts and network blips (5xx, 429, resets) for up to `outage_s`."""
+    since = None
+    while True:
+        try:
+            return _get(api, namespace, name)
+        except TrainJobError:
+            raise
+        except Exception as e:
+            since = since or time.monotonic()
+            if time.monotonic() - since > outage_s:
+                raise TrainJobError(f"cannot read TrainJob {namespace}/{name} for {outage_s:.0f}s: "
+                                    f"{_short(e)}") from None
+            log.warning("reading TrainJob %s/%s: %s; retrying in %gs", namespace, name, _short(e), retry_s)
+            time.sleep(retry_s)
 
 
 def delete(api, namespace: str, name: str) -> bool:
@@ -351,17 +381,17 @@ def create(api, body: dict, *, poll_s: float = 2.0, delete_timeout_s: float = 60
 
 
 def wait(api, namespace: str, name: str, *, watch_timeout_s: int = 300, retry_s: float = 5.0,
-         timeout_s: float | None = None) -> dict:
+         timeout_s: float | None = None, outage_s: float = 900.0) -> dict:
     """Follows the TrainJob (GET, then a watch from its resourceVersion, again and again) until it is
     Complete; logs every change of its conditions and nodes; raises TrainJobError when it fails,
-    disappears, or `timeout_s` passes."""
+    disappears, the API server is unreachable for `outage_s`, or `timeout_s` passes."""
     from kubernetes import watch
     from kubernetes.client.exceptions import ApiException
 
     progress = _Progress(namespace, name)
     start = time.monotonic()
     while True:
-        obj = _get(api, namespace, name)
+        obj = _get_patiently(api, namespace, name, outage_s, retry_s)
         if obj is None:
             raise TrainJobFailed(f"TrainJob {namespace}/{name} was deleted while the distill task waited for it")
         if progress.update(obj):
@@ -384,10 +414,10 @@ def wait(api, namespace: str, name: str, *, watch_timeout_s: int = 300, retry_s:
             raise
         except ApiException as e:
             if e.status != 410:  # 410 Gone: the resourceVersion expired; GET again
-                log.warning("watching TrainJob %s/%s: %s; retrying in %gs", namespace, name, e.reason, retry_s)
+                log.warning("watching TrainJob %s/%s: %s; retrying in %gs", namespace, name, _short(e), retry_s)
                 time.sleep(retry_s)
         except Exception as e:  # connection reset, proxy timeout: the next GET catches up
-            log.warning("watching TrainJob %s/%s: %s; retrying in %gs", namespace, name, e, retry_s)
+            log.warning("watching TrainJob %s/%s: %s; retrying in %gs", namespace, name, _short(e), retry_s)
             time.sleep(retry_s)
 
 
@@ -410,32 +440,18 @@ def _cancel_on_sigterm() -> Iterator[None]:
 # ---------------------------------------------------------------- moving trees (local paths and gs://)
 
 def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts]) if storage.is_gcs(root) else str(Path(root, *parts))
+    return storage.join(root, *parts)
 
 
 def _copy_file(src: str, dst: str) -> None:
-    if storage.is_gcs(src) and storage.is_gcs(dst):
-        (sb, sp), (db, dp) = storage.split_gcs(src), storage.split_gcs(dst)
-        client = storage.gcs_client()
-        bucket = client.bucket(sb)
-        bucket.copy_blob(bucket.blob(sp), client.bucket(db), dp)
-    elif storage.is_gcs(dst):
-        bucket, path = storage.split_gcs(dst)
-        storage.gcs_client().bucket(bucket).blob(path).upload_from_filename(src)
+    """One file between local paths and gs:// (storage's retried, checksum-verified transfers)."""
+    if not storage.is_gcs(dst):
+        storage.download_file(src, dst)  # a local source is copied; the file appears whole
+    elif storage.is_gcs(src):
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.upload_file(storage.download_file(src, Path(tmp, "object")), dst)
     else:
-        Path(dst).parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=Path(dst).parent, prefix=f".{Path(dst).name}.", suffix=".part")
-        os.close(fd)
-        try:
-            if storage.is_gcs(src):
-                bucket, path = storage.split_gcs(src)
-                storage.gcs_client().bucket(bucket).blob(path).download_to_filename(tmp)
-            else:
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        storage.upload_file(src, dst)
 
 
 def complete(uri: str) -> bool:
@@ -489,6 +505,7 @@ def launch_distill(cfg: Config, dataset, teacher, student, checkpoint_root: str,
             f"distill.num_nodes={cfg.distill.num_nodes} is not allowed with checkpoint_root={checkpoint_root!r}: "
             "expected a gs:// URI, through which the TrainJob's pods read the data and the teacher and write "
             "checkpoints and the student (or distill.num_nodes=1)")
+    kwargs.setdefault("runtime", os.environ.get("FUNMATCH_TRAINJOB_RUNTIME") or RUNTIME)
     return run(cfg, dataset=artifact_location(dataset), teacher=artifact_location(teacher), out_dir=student.path,
                shared_root=f"{checkpoint_root.rstrip('/')}/{cfg.hash()}/trainjob", checkpoint_dir=checkpoint_dir,
                image=image, key=getattr(student, "uri", "") or str(student.path), **kwargs)
@@ -496,7 +513,8 @@ def launch_distill(cfg: Config, dataset, teacher, student, checkpoint_root: str,
 
 def run(cfg: Config, *, dataset: str, teacher: str, out_dir: str | Path, shared_root: str, checkpoint_dir: str,
         image: str, key: str, namespace: str = "", api_client=None, runtime: str = RUNTIME,
-        watch_timeout_s: int = 300, retry_s: float = 5.0, timeout_s: float | None = None) -> dict:
+        watch_timeout_s: int = 300, retry_s: float = 5.0, timeout_s: float | None = None,
+        outage_s: float = 900.0) -> dict:
     """Stages the inputs, creates the TrainJob, follows it, copies the student into `out_dir`;
     returns the student's info (its model.json). `shared_root` is where the pods and the launcher
     meet (gs:// in a cluster; any directory in tests)."""
@@ -518,12 +536,13 @@ def run(cfg: Config, *, dataset: str, teacher: str, out_dir: str | Path, shared_
                             env={k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
             created = True
             create(api, body, poll_s=min(retry_s, 2.0))
-            wait(api, namespace, name, watch_timeout_s=watch_timeout_s, retry_s=retry_s, timeout_s=timeout_s)
+            wait(api, namespace, name, watch_timeout_s=watch_timeout_s, retry_s=retry_s, timeout_s=timeout_s,
+                 outage_s=outage_s)
         except (_Cancelled, KeyboardInterrupt) as e:
             log.warning("%s: cancelling TrainJob %s/%s", e if isinstance(e, _Cancelled) else "interrupted",
                         namespace, name)
             if created:
-                delete(api, namespace, name)
+                _delete_quietly(api, namespace, name)
             raise SystemExit(PREEMPTED_EXIT) from None
         except TrainJobFailed:
             raise
@@ -531,7 +550,7 @@ def run(cfg: Config, *, dataset: str, teacher: str, out_dir: str | Path, shared_
             if created:
                 _delete_quietly(api, namespace, name)
             raise
-    if not complete(output):
+    if not (complete(output) if storage.is_gcs(output) else (Path(output) / "model.json").is_file()):
         raise TrainJobError(f"TrainJob {namespace}/{name} completed but its student at {output} is incomplete "
                             f"(no {MARKER}); its pods' logs: {logs_hint(namespace, name)}")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -550,14 +569,16 @@ def _delete_quietly(api, namespace: str, name: str) -> None:
 
 # ---------------------------------------------------------------- the worker (each TrainJob process)
 
-def _node_copy(uri: str, dest: Path) -> str:
-    """A local directory holding `uri` (a gs:// prefix is fetched once per node; local paths are used as they are)."""
+def _node_copy(uri: str, cache: Path, role: str) -> str:
+    """A local directory holding `uri`: a gs:// prefix is fetched once per node (and per URI) into
+    `cache`; local paths are used as they are."""
     if not storage.is_gcs(uri):
         if not Path(uri).is_dir():
             raise DataError(f"{uri!r} does not exist or is not a directory")
         return uri
     import fcntl
 
+    dest = cache / f"{role}-{hashlib.sha256(uri.encode()).hexdigest()[:12]}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest.parent / f".{dest.name}.lock", "w") as lock:  # the node's other processes wait here
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -577,13 +598,14 @@ def run_worker(config_json: str, dataset: str, teacher: str, output: str, checkp
     cfg = config.from_json(config_json)
     cache = Path(cache_dir or os.environ.get("FUNMATCH_CACHE_DIR") or Path(tempfile.gettempdir(), "funmatch-stage"))
     rank = int(os.environ.get("RANK", "0"))
-    local_out = cache / f"student-rank{rank}" if storage.is_gcs(output) else Path(output)
-    info = stage.run(cfg, _node_copy(dataset, cache / "dataset"), _node_copy(teacher, cache / "teacher"), local_out,
+    if storage.is_gcs(output):
+        cache.mkdir(parents=True, exist_ok=True)
+        local_out = Path(tempfile.mkdtemp(dir=cache, prefix=f"student-rank{rank}-"))
+    else:
+        local_out = Path(output)
+    info = stage.run(cfg, _node_copy(dataset, cache, "dataset"), _node_copy(teacher, cache, "teacher"), local_out,
                      checkpoint_dir=checkpoint_dir)
-    if rank == 0:
-        if storage.is_gcs(output):
-            copy_tree(str(local_out), output)
-        else:
-            storage.write_bytes(_join(output, MARKER), json.dumps({"files": len(list(local_out.iterdir()))}).encode())
+    if rank == 0 and storage.is_gcs(output):  # a local --output (one node) already holds the student
+        copy_tree(str(local_out), output)
         log.info("student published to %s", output)
     return info

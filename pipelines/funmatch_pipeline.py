@@ -28,18 +28,22 @@ def build(cfg: Config):
     t, s, k, r = cfg.teacher, cfg.student, cfg.distill, cfg.resources
     cpu_image, cuda_image = image("cpu", r.image), image("cuda", r.image)
 
-    def on_gpu_pool(task: dsl.PipelineTask, accelerator_type, accelerator_count) -> dsl.PipelineTask:
+    def on_gpu_pool(task: dsl.PipelineTask, accelerator_type, accelerator_count, launcher: bool = False
+                    ) -> dsl.PipelineTask:
+        """GPU pool settings; `launcher`: the task only starts a multi-node TrainJob, so no GPUs for it."""
         task.set_container_image(cuda_image)
+        kubernetes.set_timeout(task, int(r.timeout_hours * 3600))
+        # A preempted task exits non-zero after checkpointing; the retry resumes from checkpoint_root.
+        task.set_retry(num_retries=r.retries, backoff_duration="60s", backoff_factor=2.0,
+                       backoff_max_duration="3600s")
+        if launcher:
+            return task
         task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
         task.set_cpu_request("8").set_memory_request("48Gi")
         kubernetes.add_node_selector(task, r.node_selector_key, r.node_selector_value)
         kubernetes.add_toleration(task, key=r.toleration_key, operator="Exists", effect="NoSchedule")
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=r.shm_size)
-        kubernetes.set_timeout(task, int(r.timeout_hours * 3600))
-        # A preempted task exits non-zero after checkpointing; the retry resumes from checkpoint_root.
-        task.set_retry(num_retries=r.retries, backoff_duration="60s", backoff_factor=2.0,
-                       backoff_max_duration="3600s")
         return task
 
     @dsl.pipeline(name="distill-evaluate-export")
@@ -48,7 +52,8 @@ def build(cfg: Config):
         """Stages 3-5 for one teacher artifact."""
         student = distill(config=config, dataset=dataset, teacher=teacher, checkpoint_root=checkpoint_root,
                           accelerator=accelerator_type, num_accelerators=accelerator_count)
-        on_gpu_pool(student.set_display_name("distill"), accelerator_type, accelerator_count)
+        on_gpu_pool(student.set_display_name("distill"), accelerator_type, accelerator_count,
+                    launcher=k.num_nodes > 1)
         report = evaluate(config=config, dataset=dataset, teacher=teacher, student=student.outputs["student"])
         report.set_display_name("evaluate").set_container_image(cpu_image)
         exported = export(config=config, dataset=dataset, teacher=teacher, student=student.outputs["student"],

@@ -94,3 +94,17 @@ def test_evaluate_and_export(tmp_path, tiny_cfg, dataset_dir, teacher_dir, stude
     export.publish(out, str(tmp_path / "published"))
     sums = (tmp_path / "published" / "SHA256SUMS").read_text().splitlines()
     assert [line.split()[1] for line in sums] == ["model.onnx", "model.json", "metrics.json"]
+
+
+def test_several_students_equal_separate_runs_on_the_same_batches(tmp_path, dataset_dir, teacher_dir):
+    base = ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0"]
+    multi = config.load("demo-tiny", base + ["distill.extra_students=bit-r18-mini@32"])
+    info = distill.run(multi, dataset_dir, teacher_dir, tmp_path / "multi", checkpoint_dir=str(tmp_path / "ck"))
+    assert info["extra_students"] == ["extra-1"] and (tmp_path / "ck-extra1").is_dir()
+    distill.run(config.load("demo-tiny", base), dataset_dir, teacher_dir, tmp_path / "alone-a")
+    distill.run(config.load("demo-tiny", base + ["student.arch=bit-r18-mini"]), dataset_dir, teacher_dir,
+                tmp_path / "alone-b")
+    for together, alone in (("multi", "alone-a"), ("multi/extra-1", "alone-b")):
+        a = load_file(str(tmp_path / together / "member-0.safetensors"))
+        b = load_file(str(tmp_path / alone / "member-0.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), together
