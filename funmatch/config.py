@@ -118,6 +118,14 @@ class ExportConfig:
 
 
 @dataclass
+class GateConfig:
+    """Quality gate before export/publish: the student must reach both bars on the test split."""
+
+    min_student_acc: float = 0.0  # absolute student test prec@1
+    min_teacher_ratio: float = 0.9  # student test prec@1 / teacher test prec@1
+
+
+@dataclass
 class ResourcesConfig:
     """Cluster settings of the GPU tasks; kfp.local ignores them."""
 
@@ -169,6 +177,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
@@ -315,6 +324,7 @@ SMOKE: dict[str, Any] = {
     "finetune.steps": 10, "finetune.batch_size": 32, "distill.epochs": 0.1, "distill.batch_size": 32,
     "distill.warmup_steps": 5, "distill.log_every": 5, "distill.eval_every": 0,
     "distill.checkpoint_every_steps": 10, "eval.batch_size": 256, "runtime.device": "cpu",
+    "gate.min_student_acc": 0.0, "gate.min_teacher_ratio": 0.0,
 }
 
 
@@ -445,6 +455,9 @@ def validate(cfg: Config) -> None:
     _check(0 <= cfg.export.max_int8_drop <= 1, "export.max_int8_drop", cfg.export.max_int8_drop,
            "a fraction in [0, 1] (0.01 = one point of prec@1)")
 
+    _check(0 <= cfg.gate.min_student_acc <= 1, "gate.min_student_acc", cfg.gate.min_student_acc, "a fraction in [0, 1]")
+    _check(cfg.gate.min_teacher_ratio >= 0, "gate.min_teacher_ratio", cfg.gate.min_teacher_ratio,
+           "a non-negative ratio")
     r = cfg.resources
     _check(r.accelerator_count >= 0, "resources.accelerator_count", r.accelerator_count, "a non-negative integer")
     _check(r.timeout_hours > 0, "resources.timeout_hours", r.timeout_hours, "a positive number")

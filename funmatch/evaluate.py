@@ -54,6 +54,56 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
     return torch.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
+def gate(cfg: Config, metrics: dict) -> tuple[bool, str]:
+    """(passed, one line saying why) for the quality gate before export."""
+    s, t = metrics["student/test/prec@1"], metrics["teacher/test/prec@1"]
+    g = cfg.gate
+    if s < g.min_student_acc:
+        return False, f"student test prec@1 {s:.4f} < gate.min_student_acc={g.min_student_acc}"
+    if s < g.min_teacher_ratio * t:
+        return False, (f"student test prec@1 {s:.4f} < gate.min_teacher_ratio={g.min_teacher_ratio} × teacher "
+                       f"{t:.4f} = {g.min_teacher_ratio * t:.4f}")
+    return True, f"student test prec@1 {s:.4f} (teacher {t:.4f}) passes the gate"
+
+
+def report_html(metrics: dict, student_dir: Path, s_info: dict, t_info: dict, gate_reason: str) -> str:
+    """A self-contained HTML page for the Kubeflow UI: teacher/student table and training curves."""
+    import base64
+    import io
+
+    rows = "".join(
+        f"<tr><td>{split}</td><td>{metrics.get(f'teacher/{split}/prec@1', float('nan')):.4f}</td>"
+        f"<td>{metrics.get(f'student/{split}/prec@1', float('nan')):.4f}</td>"
+        f"<td>{metrics.get(f'student/{split}/agree@1', float('nan')):.4f}</td>"
+        f"<td>{metrics.get(f'student/{split}/kl', float('nan')):.4f}</td></tr>" for split in ("minitrain", "val", "test"))
+    history_file = student_dir / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.exists() else []
+    img = ""
+    if history:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        axes[0].plot([h["step"] for h in history], [h["loss"] for h in history])
+        axes[0].set(xlabel="step", ylabel="KD loss", yscale="log", title="train loss")
+        val = [h for h in history if "val_prec@1" in h]
+        for key in ("val_prec@1", "val_agree@1"):
+            axes[1].plot([h["step"] for h in val], [h[key] for h in val], marker="o", label=key)
+        axes[1].set(xlabel="step", title="student on val")
+        axes[1].legend()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        img = f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return (f"<html><body><h3>funmatch: {t_info['arch']}@{t_info['resolution']} → "
+            f"{s_info['arch']}@{s_info['resolution']} ({s_info.get('setup', '')}, {s_info.get('steps', '?')} steps)</h3>"
+            f"<p>Quality gate: {gate_reason}</p><table border=1 cellpadding=4><tr><th>split</th><th>teacher prec@1"
+            f"</th><th>student prec@1</th><th>agree@1</th><th>KL</th></tr>{rows}</table>{img}</body></html>")
+
+
 def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
         out_dir: str | Path) -> dict:
     """Writes `metrics.json` and `confusion.json` into `out_dir`; returns the flat metrics."""
@@ -81,8 +131,12 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
             per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
             metrics.update({f"student/test/class_prec@1/{c}": float(a) for c, a in zip(classes, per_class)})
     metrics["evaluate/wall_s"] = clock()
+    passed, reason = gate(cfg, metrics)
+    metrics["gate/passed"] = float(passed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "gate.json").write_text(json.dumps({"passed": passed, "reason": reason}))
+    (out / "report.html").write_text(report_html(metrics, Path(student_dir), s_info, t_info, reason))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out / "confusion.json").write_text(json.dumps({"classes": classes, "matrix": confusion.tolist()}))
     log.info("teacher test prec@1 %.4f, student %.4f, agree@1 %.4f",

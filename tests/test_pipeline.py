@@ -23,7 +23,7 @@ def test_ir_has_the_stages_and_gpu_settings_on_the_two_gpu_tasks(ir):
     # stages 3-5 appear once per teacher branch (exec-distill and exec-distill-2, ...)
     assert {n.removesuffix("-2") for n in execs} == {
         "exec-prepare-data", "exec-train-teacher", "exec-given-teacher", "exec-distill", "exec-evaluate",
-        "exec-export"}
+        "exec-export", "exec-quality-gate-stop"}
     gpu = {n for n, e in execs.items() if e["container"].get("resources", {}).get("accelerator")}
     assert gpu == {"exec-train-teacher", "exec-distill", "exec-distill-2"}
     for name in gpu:
@@ -87,3 +87,15 @@ def test_given_teacher_branch_runs_locally(tmp_path, teacher_dir):
     assert cli.main(argv) == 0
     assert not list((tmp_path / "run" / "pipeline_root").glob("*/train-teacher"))
     assert (tmp_path / "run" / "model.onnx").exists()
+
+
+def test_quality_gate_in_ir_and_stop_says_why(ir, tmp_path, capsys):
+    spec, _ = ir
+    text = json.dumps(spec)
+    assert "gate_passed" in text and "exec-quality-gate-stop" in spec["deploymentSpec"]["executors"]
+    argv = ["run", "--preset", "demo-tiny", "--output", str(tmp_path / "run"), "--set", "gate.min_student_acc=0.99",
+            "--set", "distill.epochs=0.05", "--set", "distill.warmup_steps=1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "quality gate" in err and "gate.min_student_acc=0.99" in err
+    assert not (tmp_path / "run" / "model.onnx").exists()  # nothing exported or published

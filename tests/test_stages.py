@@ -108,3 +108,12 @@ def test_several_students_equal_separate_runs_on_the_same_batches(tmp_path, data
         a = load_file(str(tmp_path / together / "member-0.safetensors"))
         b = load_file(str(tmp_path / alone / "member-0.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), together
+
+
+def test_gate_verdicts():
+    cfg = config.load("demo", ["gate.min_student_acc=0.5", "gate.min_teacher_ratio=0.9"])
+    assert evaluate.gate(cfg, {"student/test/prec@1": 0.85, "teacher/test/prec@1": 0.9})[0]
+    ok, why = evaluate.gate(cfg, {"student/test/prec@1": 0.8, "teacher/test/prec@1": 0.9})
+    assert not ok and "gate.min_teacher_ratio=0.9" in why
+    ok, why = evaluate.gate(cfg, {"student/test/prec@1": 0.4, "teacher/test/prec@1": 0.41})
+    assert not ok and "gate.min_student_acc=0.5" in why
