@@ -124,6 +124,7 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     log.info("distill %s→%s, setup %s: %d steps × batch %d (%.4g epochs of %d), t=%g, lr %g, wd %g, %s→%spx on %s",
              t_info["arch"], ", ".join(a for a, _ in specs), k.setup, steps, k.batch_size, k.epochs, n,
              k.temperature, k.lr, k.weight_decay, t_res, student_res, device)
+    board = _tensorboard(Path(out_dir) / "tensorboard") if rank == 0 else None
     bar = tqdm(total=steps * k.batch_size, initial=start * k.batch_size, desc="distill", unit="img",
                unit_scale=True, mininterval=2, file=sys.stderr, disable=rank > 0)
     local = slice(rank * k.batch_size // world, (rank + 1) * k.batch_size // world)
@@ -153,6 +154,11 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
                     learner.log(done, world, val_eval if rank == 0 and k.eval_every and
                                 (done % k.eval_every == 0 or done == steps) else None, cfg, device)
                 bar.set_postfix(loss=learners[0].history[-1]["loss"])
+                if board:
+                    for i, learner in enumerate(learners):
+                        for key, value in learner.history[-1].items():
+                            if key != "step":
+                                board.add_scalar(f"{learner.arch}@{learner.res}/{key}" if i else key, value, done)
             stop = preemption.requested  # read once: a SIGTERM between the two checks still checkpoints
             if rank == 0 and learners[0].ckpt and (stop or done == steps or learners[0].ckpt.due(done)):
                 for learner in learners:
@@ -161,6 +167,8 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
                 bar.close()
                 log.warning("SIGTERM: checkpoint written at step %d; exiting for the retry to resume", done)
                 sys.exit(PREEMPTED_EXIT)
+    if board:
+        board.close()
     _sync(device)
     measured = {"img_per_s": round((steps - timed_from) * k.batch_size / (time.perf_counter() - timer), 1)
                 if steps > timed_from else None,
@@ -186,6 +194,13 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     (Path(out_dir) / "model.json").write_text(json.dumps(info | {"members": ["member-0.safetensors"]}, indent=1))
     log.info("distilled %d steps in %.1fs", steps - start, info["wall_s"])
     return info
+
+
+def _tensorboard(path: Path):
+    """A TensorBoard event writer under the student artifact (the Kubeflow UI can serve it)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(path))
 
 
 class Learner:

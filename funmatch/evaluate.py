@@ -111,6 +111,10 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
     device = runtime.setup(cfg.runtime)
     teachers, t_info = models.load_bundle(teacher_dir, device)
     students, s_info = models.load_bundle(student_dir, device)
+    extras = {}
+    for sub in s_info.get("extra_students", []):
+        members, e_info = models.load_bundle(Path(student_dir) / sub, device)
+        extras[f"{e_info['arch']}@{e_info['resolution']}"] = members, e_info
     classes = data.read_manifest(dataset_dir)["classes"]
     metrics: dict[str, float] = {}
     confusion = None
@@ -123,6 +127,10 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
         t_logits = predict(teachers, images, resolutions(t_info), cfg.eval, device)
         s_logits = predict(students, images, s_info["resolution"], cfg.eval, device)
+        for name, (extra, e_info) in extras.items():  # more students of the same run
+            e_logits = predict(extra, images, e_info["resolution"], cfg.eval, device)
+            metrics[f"students/{name}/{split}/prec@1"] = float((e_logits.argmax(1) == labels).float().mean())
+            metrics.update({f"students/{name}/{split}/{k}": v for k, v in distances(e_logits, t_logits).items()})
         metrics[f"teacher/{split}/prec@1"] = float((t_logits.argmax(1) == labels).float().mean())
         metrics[f"student/{split}/prec@1"] = float((s_logits.argmax(1) == labels).float().mean())
         metrics.update({f"student/{split}/{k}": v for k, v in distances(s_logits, t_logits).items()})

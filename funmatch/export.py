@@ -73,9 +73,11 @@ def model_card(cfg: Config, info: dict, metrics: dict) -> dict:
 
 
 def result_files(bundle_dir: str | Path) -> tuple[str, ...]:
-    """RESULT_FILES plus model.int8.onnx when the export wrote (i.e. accepted) it."""
+    """RESULT_FILES plus model.int8.onnx when the export wrote (i.e. accepted) it, plus the ONNX files
+    of a run's further students (model-<arch>-<res>.onnx)."""
     int8 = (quantize.INT8_FILE,) if (Path(bundle_dir) / quantize.INT8_FILE).is_file() else ()
-    return RESULT_FILES[:1] + int8 + RESULT_FILES[1:]
+    extras = tuple(sorted(p.name for p in Path(bundle_dir).glob("model-*.onnx")))
+    return RESULT_FILES[:1] + int8 + extras + RESULT_FILES[1:]
 
 
 def publish(bundle_dir: str | Path, uri: str) -> str:
@@ -96,6 +98,8 @@ def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, metrics_p
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / quantize.INT8_FILE).unlink(missing_ok=True)  # only this run's INT8 model may be published
+    for stale in out.glob("model-*.onnx"):
+        stale.unlink()
     (student,), info = models.load_bundle(student_dir, "cpu")
     res = info["resolution"]
     to_onnx(student, res, out / "model.onnx", cfg.export.opset)
@@ -107,6 +111,20 @@ def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, metrics_p
     if diff > cfg.export.max_abs_diff:
         raise FunmatchError(f"ONNX logits differ from PyTorch by {diff:.2e} on {len(x)} test images, "
                             f"more than export.max_abs_diff={cfg.export.max_abs_diff}")
+
+    extra_models = []
+    for sub in info.get("extra_students", []):  # every student of the run gets its own ONNX file
+        (extra,), e_info = models.load_bundle(Path(student_dir) / sub, "cpu")
+        name = f"model-{e_info['arch']}-{e_info['resolution']}.onnx"
+        to_onnx(extra, e_info["resolution"], out / name, cfg.export.opset)
+        (reference,), _ = models.load_bundle(Path(student_dir) / sub, "cpu")
+        x_e = augment.eval_view(torch.from_numpy(images[:CHECK_IMAGES]), e_info["resolution"], e_info["crop_pct"])
+        e_diff = max_abs_diff(reference, out / name, x_e)
+        if e_diff > cfg.export.max_abs_diff:
+            raise FunmatchError(f"{name}: ONNX logits differ from PyTorch by {e_diff:.2e}, more than "
+                                f"export.max_abs_diff={cfg.export.max_abs_diff}")
+        diff = max(diff, e_diff)
+        extra_models.append({"file": name, "arch": e_info["arch"], "resolution": e_info["resolution"]})
 
     metrics = json.loads(Path(metrics_path).read_text())
     metrics["export/onnx_max_abs_diff"] = diff
@@ -126,6 +144,8 @@ def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, metrics_p
     card = model_card(cfg, info, metrics) | provenance(dataset_dir)
     if int8_card:
         card["int8"] = int8_card
+    if extra_models:
+        card["extra_models"] = extra_models  # same classes, input name and preprocessing at their resolution
     (out / "model.json").write_text(json.dumps(card, indent=1))
     log.info("exported %s (%d bytes), ONNX vs PyTorch max abs diff %.2e", out / "model.onnx",
              metrics["export/onnx_bytes"], diff)

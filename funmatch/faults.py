@@ -5,7 +5,7 @@ worker ...`, on the CPU) on one dataset and teacher: once uninterrupted (the ref
 per signal, signalled at `kills` seeded random steps and started again after every kill on the same
 checkpoint directory until it finishes. The final student weights must be bit-identical to the
 reference's. SIGKILL stops the worker wherever it is (mid-step, mid-checkpoint write; a seeded
-fraction of a step's time is waited after the step starts); SIGTERM is a preemption notice: the
+fraction of a steady step's time is waited after the step starts); SIGTERM is a preemption notice: the
 loop finishes its step, checkpoints and exits 143.
 
 The worker announces on stdout the step it resumed from, each step it begins and each checkpoint
@@ -157,8 +157,11 @@ class _Attempt:
                         self.completed = max(self.completed, step)
                         step_starts.append(time.perf_counter())
                         if kill_at is not None and self.signalled_at is None and step >= kill_at:
-                            if jitter and len(step_starts) > 1:  # land somewhere inside the step
-                                time.sleep(jitter * (step_starts[-1] - step_starts[0]) / (len(step_starts) - 1))
+                            # land inside the step: a fraction of a steady step (the first one after a
+                            # start includes warm-up and is not counted); none known yet: at its start
+                            steady = [b - a for a, b in zip(step_starts[1:], step_starts[2:])]
+                            if jitter and steady:
+                                time.sleep(jitter * min(steady))
                             if proc.poll() is None:
                                 proc.send_signal(sig)
                                 self.signalled_at = step

@@ -317,7 +317,7 @@ def schedule(host: str, cfg: config.Config, cron: str, name: str | None = None,
 
     def same(r) -> bool:
         ref, trigger, runtime = r.pipeline_version_reference, r.trigger, r.runtime_config
-        return False and (ref is not None and ref.pipeline_version_id == version["version_id"]
+        return (ref is not None and ref.pipeline_version_id == version["version_id"]
                 and trigger is not None and trigger.cron_schedule is not None and trigger.cron_schedule.cron == cron
                 and str(r.mode).upper().endswith("ENABLE")
                 and dict((runtime.parameters if runtime else None) or {}) == params)

@@ -48,7 +48,7 @@ def distill_optimizer(model: nn.Module, lr: float, weight_decay: float, name: st
     if name == "shampoo":
         from pytorch_optimizer import ScalableShampoo  # optional dependency: pip install pytorch-optimizer
 
-        return ScalableShampoo(groups, lr=lr)
+        return ScalableShampoo(groups, lr=lr, decoupled_weight_decay=True)  # θ -= lr_t·λ·θ, as AdamW
     fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 

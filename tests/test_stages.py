@@ -117,3 +117,29 @@ def test_gate_verdicts():
     assert not ok and "gate.min_teacher_ratio=0.9" in why
     ok, why = evaluate.gate(cfg, {"student/test/prec@1": 0.4, "teacher/test/prec@1": 0.41})
     assert not ok and "gate.min_student_acc=0.5" in why
+
+
+def test_tensorboard_events_and_shampoo(tmp_path, dataset_dir, teacher_dir):
+    cfg = config.load("demo-tiny", ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.optimizer=shampoo",
+                                    "distill.log_every=2"])
+    distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "s")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "s" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    assert len(losses) == 4 and all(v == v for v in losses)  # steps 2, 4, 6, 7; finite with Shampoo
+
+
+def test_extra_students_are_evaluated_and_exported(tmp_path, dataset_dir, teacher_dir):
+    cfg = config.load("demo-tiny", ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0",
+                                    "distill.extra_students=bit-r14-mini@64"])
+    distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "s")
+    metrics = evaluate.run(cfg, dataset_dir, teacher_dir, tmp_path / "s", tmp_path / "e")
+    assert "students/bit-r14-mini@64/test/prec@1" in metrics and "students/bit-r14-mini@64/test/agree@1" in metrics
+    export.run(cfg, dataset_dir, tmp_path / "s", tmp_path / "e" / "metrics.json", tmp_path / "x")
+    card = json.loads((tmp_path / "x" / "model.json").read_text())
+    assert card["extra_models"] == [{"file": "model-bit-r14-mini-64.onnx", "arch": "bit-r14-mini", "resolution": 64}]
+    session = ort.InferenceSession(str(tmp_path / "x" / "model-bit-r14-mini-64.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"image": np.zeros((2, 3, 64, 64), np.float32)})[0].shape == (2, 10)
+    assert "model-bit-r14-mini-64.onnx" in export.result_files(tmp_path / "x")
