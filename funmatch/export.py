@@ -31,7 +31,7 @@ def to_onnx(model: torch.nn.Module, res: int, path: Path, opset: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          opset_version=opset, dynamo=True, external_data=False, optimize=True,
+                          opset_version=opset, dynamo=True, external_data=False, optimize=True, verbose=False,
                           dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
 
 

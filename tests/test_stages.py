@@ -143,3 +143,21 @@ def test_extra_students_are_evaluated_and_exported(tmp_path, dataset_dir, teache
     session = ort.InferenceSession(str(tmp_path / "x" / "model-bit-r14-mini-64.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"image": np.zeros((2, 3, 64, 64), np.float32)})[0].shape == (2, 10)
     assert "model-bit-r14-mini-64.onnx" in export.result_files(tmp_path / "x")
+
+
+def test_readme_consumer_snippet_runs_on_an_export(tmp_path, tiny_cfg, dataset_dir, teacher_dir, student_dir, capsys):
+    """The README's ten lines, run as written against a real export."""
+    import re
+    from pathlib import Path
+
+    from PIL import Image
+
+    evaluate.run(tiny_cfg, dataset_dir, teacher_dir, student_dir, tmp_path / "eval")
+    export.run(tiny_cfg, dataset_dir, student_dir, tmp_path / "eval" / "metrics.json", tmp_path / "demo")
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "photo.jpg")
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = re.search(r"```python\n(import json, numpy.*?)```", readme, re.S).group(1)
+    snippet = snippet.replace("runs/demo/", f"{tmp_path / 'demo'}/").replace('"photo.jpg"', f'"{tmp_path / "photo.jpg"}"')
+    exec(compile(snippet, "README.md", "exec"), {})
+    card = json.loads((tmp_path / "demo" / "model.json").read_text())
+    assert capsys.readouterr().out.strip().splitlines()[-1] in card["classes"]
