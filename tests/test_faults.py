@@ -30,6 +30,7 @@ def test_reference_is_a_real_run(report):
 @pytest.mark.parametrize("signal", ["SIGKILL", "SIGTERM"])
 def test_killed_run_ends_bit_identical_and_loses_nothing(report, signal):
     run = next(r for r in report["runs"] if r["signal"] == signal)
+    print(json.dumps(run, indent=1))  # shown when an assertion fails
     assert run["bit_identical"] and run["sha256"] == report["reference"]["sha256"]
     assert run["history_identical"]  # the logged losses too, not just the weights
     assert run["kills_requested"] == KILLS and run["kills_survived"] == KILLS

@@ -383,3 +383,13 @@ def test_local_create_only_write(tmp_path):
     with pytest.raises(storage.StorageError, match="only 0"):
         storage.write_bytes(str(target), b"2", if_generation_match=5)
     assert target.read_bytes() == b"1" and sorted(p.name for p in target.parent.iterdir()) == ["latest.json"]
+
+
+def test_the_fault_proxy_stops_itself_after_its_request_budget(gcs, through, monkeypatch):
+    monkeypatch.setenv("FUNMATCH_GCS_DEADLINE_S", "1")
+    proxy = through(max_requests=3)
+    written = 0
+    with pytest.raises(storage.StorageError):  # the proxy is gone after 3 requests: nothing can hang on it
+        for written in range(5):
+            storage.write_bytes(f"{gcs.root}/bounded/{written}", b"1")
+    assert written <= 3 and len(proxy.log) == 3 and proxy._stopped
