@@ -15,6 +15,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,9 @@ class CheckpointManager:
         self.keep, self.every_steps, self.every_seconds = keep, every_steps, every_minutes * 60
         self.allow_config_change = allow_config_change
         self._last_save = time.monotonic()
+        if not storage.is_gcs(self.directory) and Path(self.directory).is_dir():
+            for tmp in Path(self.directory).glob(".ckpt-*.tmp"):  # left by a kill during a write
+                tmp.unlink(missing_ok=True)
 
     def _path(self, step: int, ext: str) -> str:
         return f"{self.directory}/ckpt-{step:09d}.{ext}"
@@ -140,8 +144,8 @@ class CheckpointManager:
             if meta["config_hash"] != self.config_hash and not self.allow_config_change:
                 raise CheckpointError(
                     f"{self._path(step, 'json')} was made with config {meta['config_hash']}, this run has "
-                    f"{self.config_hash}; use another checkpoint directory, or pass "
-                    "--allow-config-change to resume anyway")
+                    f"{self.config_hash}; use another checkpoint directory, or set "
+                    "runtime.allow_config_change=true to resume anyway")
             try:  # never unpickled: anything but safetensors (a pickle under this name too) fails here
                 tensors = load(blob)
             except Exception as e:  # SafetensorError, on any bytes that are not a safetensors file

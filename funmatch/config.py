@@ -23,7 +23,8 @@ from funmatch.errors import ConfigError
 SETUPS = ("fixed", "independent", "consistent", "funmatch")
 NOT_HASHED = {"distill.log_every", "distill.eval_every", "distill.checkpoint_every_steps",
               "distill.checkpoint_every_minutes", "distill.keep_checkpoints", "distill.num_nodes",
-              "runtime.device", "runtime.num_threads", "runtime.checkpoint_dir", "runtime.resident_max_gb"}
+              "runtime.device", "runtime.num_threads", "runtime.checkpoint_dir", "runtime.resident_max_gb",
+              "runtime.allow_config_change"}
 NAMED_DATASETS = ("flowers102", "pets", "food101", "sun397", "imagenet")
 OPTIMIZERS = ("adam", "shampoo")
 STEM_POOLS = ("zero_pad", "neg_inf_pad")
@@ -148,6 +149,7 @@ class RuntimeConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     compile: bool = False  # torch.compile the models (pays off on long GPU runs)
     checkpoint_dir: str = ""  # durable checkpoint location (path or gs://); empty: none
+    allow_config_change: bool = False  # resume from checkpoints made with another config hash
     resident_max_gb: float = 16.0  # train splits up to this size live on the device as uint8; larger ones stream
 
 

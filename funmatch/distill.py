@@ -94,7 +94,8 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     specs = [(s.arch, s.resolution)] + config.extra_students(k)
     learners = [_learner(cfg, arch, res, manifest["num_classes"], device, fmt, world, out_dir,
                          f"{checkpoint_dir}{'' if i == 0 else f'-extra{i}'}" if checkpoint_dir else "",
-                         allow_config_change) for i, (arch, res) in enumerate(specs)]
+                         allow_config_change or cfg.runtime.allow_config_change)
+                for i, (arch, res) in enumerate(specs)]
     amp = runtime.autocast(device, cfg.runtime.precision)
     views_of = sorted(set(t_res))
     student_res = [r for _, r in specs]

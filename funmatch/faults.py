@@ -324,7 +324,8 @@ def fault_test(preset: str = "demo-tiny", overrides: list[str] | None = None, ki
                 prev = records[-1]
                 prev["resumed_from"] = a.resumed
                 if a.resumed is not None:
-                    prev["steps_redone"] = prev["completed_at_death"] - a.resumed
+                    # negative when it died after committing a checkpoint but before announcing it
+                    prev["steps_redone"] = max(0, prev["completed_at_death"] - a.resumed)
                     prev["survived"] = prev["bytes_lost"] == 0 and a.resumed >= prev["newest_committed"]
             if a.resumed:  # found valid in the directory: committed, whoever announced it
                 committed.setdefault(a.resumed, a.resumed_bytes)

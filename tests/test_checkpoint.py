@@ -54,7 +54,7 @@ def test_checkpoint_without_metadata_is_incomplete(tmp_path):
 def test_other_config_is_refused_unless_allowed(tmp_path):
     model, opt = _model_and_opt()
     CheckpointManager(str(tmp_path), "cfg1").save(5, model, opt)
-    with pytest.raises(CheckpointError, match="--allow-config-change"):
+    with pytest.raises(CheckpointError, match="runtime.allow_config_change=true"):
         CheckpointManager(str(tmp_path), "cfg2").load_latest()
     assert CheckpointManager(str(tmp_path), "cfg2", allow_config_change=True).load_latest().step == 5
 

@@ -39,7 +39,8 @@ def test_killed_run_ends_bit_identical_and_loses_nothing(report, signal):
     assert steps == sorted(set(steps)) and 1 <= steps[0] and steps[-1] < report["steps"]
     for kill in run["kills"]:
         assert kill["signalled_at_step"] >= kill["target_step"]
-        assert kill["resumed_from"] == kill["newest_committed"]  # the successor took the newest checkpoint
+        # the successor took the newest checkpoint (newer: committed by a worker killed before it could say so)
+        assert kill["resumed_from"] >= kill["newest_committed"]
         if signal == "SIGKILL":
             assert kill["exit_code"] == -9
             assert 0 <= kill["steps_redone"] < report["checkpoint_every_steps"] + 1
