@@ -35,7 +35,9 @@ PRECISIONS = ("fp32", "bf16")
 class DataConfig:
     """Where images come from and how the prepared dataset artifact stores them."""
 
-    source: str = "demo"  # demo | a local ImageFolder tree | gs://bucket/prefix | flowers102 | pets | food101 | sun397 | imagenet
+    # demo | an ImageFolder tree (local dir, gs:// prefix, or a .tar/.tar.gz/.zip of one)
+    # | flowers102 | pets | food101 | sun397 | imagenet (these read `root`)
+    source: str = "demo"
     root: str = ""  # for the named datasets: where their files are (a path or gs:// prefix)
     download: bool = False  # named torchvision datasets: fetch them into `root` (clusters with network only)
     stored_resolution: int = 160  # square side the images are stored at (short-side resize + centre crop)
