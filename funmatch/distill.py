@@ -198,9 +198,13 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
 
 
 def _tensorboard(path: Path):
-    """A TensorBoard event writer under the student artifact (the Kubeflow UI can serve it)."""
-    from torch.utils.tensorboard import SummaryWriter
-
+    """A TensorBoard event writer under the student artifact (the Kubeflow UI can serve it); None
+    where the tensorboard package is missing (e.g. a bare GPU box running from source)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: no event files (history.json still has the curves)")
+        return None
     return SummaryWriter(str(path))
 
 
