@@ -145,6 +145,7 @@ def bench_onnx(arch: str = "resnet50", resolution: int = 224, threads: int = 2, 
                              "int8_max_abs_diff_vs_torch": float(np.abs(got - want).max()),
                              "logit_scale": float(np.abs(want).max())}
     result["latency_ms"] = latency
+    result["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
     result["ratios"] = {b: {"ort_fp32/ort_int8": round(latency["ort_fp32"][b]["median_ms"] / latency["ort_int8"][b]["median_ms"], 3),
                             "torch/ort_fp32": round(latency["torch"][b]["median_ms"] / latency["ort_fp32"][b]["median_ms"], 3)}
                         for b in map(str, batches)}
@@ -156,7 +157,8 @@ def print_onnx(r: dict) -> None:
     m = r["machine"]
     print(f"funmatch bench onnx: {r['arch']} @ {r['resolution']} px, {r['threads']} threads, {r['classes']} classes; "
           f"weights: {r['weights']}")
-    print(f"  machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, load {m['load_avg_1_5_15']}), "
+    print(f"  machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, load avg 1/5/15 min {m['load_avg_1_5_15']} "
+          f"before, {m.get('load_avg_after')} after), "
           f"torch {m['torch']}, onnxruntime {m['onnxruntime']}; {r['date']}")
     print(f"  INT8: static QDQ, {r['calibration']['images']} {r['calibration']['source']} calibration images, "
           f"quantized ops {r['quantized_op_types']}; {r['bytes']['fp32'] / 1e6:.1f} MB fp32 -> "

@@ -122,16 +122,47 @@ class CheckpointManager:
                 "rng": rng_meta, "time": time.time(), "extra": extra or {}}
         storage.write_bytes(self._path(step, "safetensors"), blob)
         storage.write_bytes(self._path(step, "json"), json.dumps(meta).encode())  # commit point
+        self._move_latest(step)
         self._last_save = time.monotonic()
         for old in self.steps()[self.keep:]:
             for ext in ("json", "safetensors"):
                 storage.delete(self._path(old, ext))
 
+    def _move_latest(self, step: int, attempts: int = 5) -> None:
+        """Points `latest` at `step`: on GCS a compare-and-swap on the object generation (a stale writer,
+        e.g. a zombie from a previous attempt, cannot move it back); locally an atomic rename."""
+        uri = f"{self.directory}/latest"
+        for _ in range(attempts):
+            try:
+                data, generation = storage.read_with_generation(uri)
+                if json.loads(data)["step"] >= step:
+                    return
+            except (FileNotFoundError, ValueError, KeyError):
+                generation = 0
+            try:
+                storage.write_bytes(uri, json.dumps({"step": step}).encode(),
+                                    if_generation_match=generation if storage.is_gcs(uri) else None)
+                return
+            except storage.PreconditionFailed:
+                continue  # another writer moved it: re-read and decide again
+        raise CheckpointError(f"{uri}: could not move the pointer to step {step} after {attempts} attempts")
+
+    def latest_step(self) -> int | None:
+        """The step `latest` points at (None before the first checkpoint)."""
+        try:
+            return int(json.loads(storage.read_bytes(f"{self.directory}/latest"))["step"])
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+
     def load_latest(self) -> Loaded | None:
-        """The newest checkpoint whose checksum holds; a corrupt one is reported and skipped."""
+        """The checkpoint `latest` points at, else the newest whose checksum holds; a corrupt one is
+        reported and the previous one used."""
         from safetensors.torch import load
 
-        for step in self.steps():
+        pointed = self.latest_step()
+        listed = self.steps()
+        order = ([pointed] if pointed in listed else []) + [s for s in listed if s != pointed]
+        for step in order:
             try:
                 meta = json.loads(storage.read_bytes(self._path(step, "json")))
                 blob = storage.read_bytes(self._path(step, "safetensors"))

@@ -393,3 +393,23 @@ def test_the_fault_proxy_stops_itself_after_its_request_budget(gcs, through, mon
         for written in range(5):
             storage.write_bytes(f"{gcs.root}/bounded/{written}", b"1")
     assert written <= 3 and len(proxy.log) == 3 and proxy._stopped
+
+
+def test_checkpoints_on_gcs_move_latest_by_generation_and_survive_a_corrupt_newest(gcs):
+    import torch
+    from torch import nn
+
+    from funmatch.checkpoint import CheckpointManager
+
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    ckpt = CheckpointManager(f"{gcs.root}/run/distill", "cfg", keep=2)
+    for step in (5, 10, 15):
+        ckpt.save(step, model, opt)
+    assert ckpt.latest_step() == 15 and ckpt.steps() == [15, 10]
+    _, generation = storage.read_with_generation(f"{gcs.root}/run/distill/latest")
+    ckpt._move_latest(3)  # a stale writer cannot move the pointer back
+    assert ckpt.latest_step() == 15
+    assert storage.read_with_generation(f"{gcs.root}/run/distill/latest")[1] == generation
+    storage.write_bytes(f"{gcs.root}/run/distill/ckpt-000000015.safetensors", b"truncated")
+    assert ckpt.load_latest().step == 10  # the pointed-at checkpoint is corrupt: the previous one
