@@ -256,15 +256,20 @@ def _params(publish_uri: str) -> dict:
     return {"publish_uri": publish_uri} if publish_uri else {}
 
 
-def submit(host: str, cfg: config.Config, experiment: str = DEFAULT_EXPERIMENT, namespace: str | None = None,
-           publish_uri: str = "") -> dict:
-    """Uploads (or reuses) the pipeline version for `cfg` and starts a run; returns ids and the run's URL."""
+def _version_and_experiment(host: str, cfg: config.Config, experiment: str, namespace: str | None):
+    """(client, host, pipeline version, experiment): what submit and schedule both start from."""
     client = connect(host, namespace)
     host = _check_host(host)
     with tempfile.TemporaryDirectory() as tmp:
         package, ir_sha = compile_ir(cfg, tmp)
         version = ensure_version(client, host, cfg, package, ir_sha)
-    exp = _experiment(client, host, experiment, namespace)
+    return client, host, version, _experiment(client, host, experiment, namespace)
+
+
+def submit(host: str, cfg: config.Config, experiment: str = DEFAULT_EXPERIMENT, namespace: str | None = None,
+           publish_uri: str = "") -> dict:
+    """Uploads (or reuses) the pipeline version for `cfg` and starts a run; returns ids and the run's URL."""
+    client, host, version, exp = _version_and_experiment(host, cfg, experiment, namespace)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_name = f"funmatch-{cfg.preset}-{full_hash(cfg)[:8]}-{stamp}"
     with _api_errors(host, f"start run {run_name!r}"):
@@ -303,12 +308,7 @@ def schedule(host: str, cfg: config.Config, cron: str, name: str | None = None,
     """Creates the recurring run `name`, or replaces the one of that name that differs; see the module docstring."""
     cron = check_cron(cron)
     name = name or f"funmatch-{cfg.preset}"
-    client = connect(host, namespace)
-    host = _check_host(host)
-    with tempfile.TemporaryDirectory() as tmp:
-        package, ir_sha = compile_ir(cfg, tmp)
-        version = ensure_version(client, host, cfg, package, ir_sha)
-    exp = _experiment(client, host, experiment, namespace)
+    client, host, version, exp = _version_and_experiment(host, cfg, experiment, namespace)
     params = _params(publish_uri)
     with _api_errors(host, f"list recurring runs named {name!r}"):
         existing = [r for r in _pages(lambda token: client.list_recurring_runs(
