@@ -26,8 +26,8 @@ def run(cfg: Config, output: str | Path) -> dict:
     compile_pipeline(cfg, str(out / "pipeline.yaml"))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "pipeline_root"),
                enable_caching=True, cache_root=str(out / ".kfp_cache"), raise_on_error=True)
-    for name in ("model.onnx", "model.json", "metrics.json", "SHA256SUMS"):
-        (out / name).unlink(missing_ok=True)  # what is there afterwards is this run's
+    for stale in [*out.glob("model*.onnx"), out / "model.json", out / "metrics.json", out / "SHA256SUMS"]:
+        stale.unlink(missing_ok=True)  # what is there afterwards is this run's (INT8, extra students too)
     started = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "base_image ignored", "accelerator settings ignored locally"
