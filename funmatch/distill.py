@@ -100,10 +100,13 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     views_of = sorted(set(t_res))
     student_res = [r for _, r in specs]
 
+    # The teacher forward is 80-90 % of a step's compute: compiled too when runtime.compile is set.
+    teacher_fwd = [torch.compile(t) for t in teachers] if cfg.runtime.compile else teachers
+
     def teach(views: list[torch.Tensor]) -> torch.Tensor:
         by_res = dict(zip(views_of, views))
         with torch.no_grad(), amp:
-            return ensemble_logits([t(by_res[r]).float() for t, r in zip(teachers, t_res)])
+            return ensemble_logits([t(by_res[r]).float() for t, r in zip(teacher_fwd, t_res)])
 
     # `fixed`: the teacher's targets once per image, on the central crop, reused every step.
     fixed_logits = None
