@@ -154,14 +154,16 @@ class CheckpointManager:
         except (FileNotFoundError, ValueError, KeyError):
             return None
 
-    def load_latest(self) -> Loaded | None:
+    def load_latest(self, only_step: int | None = None) -> Loaded | None:
         """The checkpoint `latest` points at, else the newest whose checksum holds; a corrupt one is
-        reported and the previous one used."""
+        reported and the previous one used. `only_step`: that step's checkpoint or None."""
         from safetensors.torch import load
 
         pointed = self.latest_step()
         listed = self.steps()
         order = ([pointed] if pointed in listed else []) + [s for s in listed if s != pointed]
+        if only_step is not None:
+            order = [s for s in order if s == only_step]
         for step in order:
             try:
                 meta = json.loads(storage.read_bytes(self._path(step, "json")))

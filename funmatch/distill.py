@@ -27,7 +27,7 @@ from funmatch import augment, data, models, optim, runtime, storage
 from funmatch.checkpoint import CheckpointManager
 from funmatch import config
 from funmatch.config import Config, split_uris
-from funmatch.errors import ConfigError, DataError
+from funmatch.errors import CheckpointError, ConfigError, DataError
 from funmatch.evaluate import distances, predict, resolutions
 from funmatch.losses import ensemble_logits, kd_loss
 
@@ -92,10 +92,12 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     for t in teachers:
         t.to(memory_format=fmt)
     specs = [(s.arch, s.resolution)] + config.extra_students(k)
-    learners = [_learner(cfg, arch, res, manifest["num_classes"], device, fmt, world, out_dir,
-                         f"{checkpoint_dir}{'' if i == 0 else f'-extra{i}'}" if checkpoint_dir else "",
-                         allow_config_change or cfg.runtime.allow_config_change)
-                for i, (arch, res) in enumerate(specs)]
+    learners: list[Learner] = []
+    for i, (arch, res) in enumerate(specs):  # further students resume at the first one's step
+        learners.append(_learner(cfg, arch, res, manifest["num_classes"], device, fmt, world, out_dir,
+                                 f"{checkpoint_dir}{'' if i == 0 else f'-extra{i}'}" if checkpoint_dir else "",
+                                 allow_config_change or cfg.runtime.allow_config_change,
+                                 resume_step=learners[0].start if learners else None))
     amp = runtime.autocast(device, cfg.runtime.precision)
     views_of = sorted(set(t_res))
     student_res = [r for _, r in specs]
@@ -122,7 +124,7 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         val_eval = vx, vy, predict(teachers, vx, t_res, cfg.eval, device)
 
     # Resume every student from its newest valid checkpoint (they are saved at the same steps).
-    start = min(lr.start for lr in learners)
+    start = learners[0].start
     if start:
         log.info("resumed from %s at step %d of %d", checkpoint_dir, start, steps)
     log.info("distill %s→%s, setup %s: %d steps × batch %d (%.4g epochs of %d), t=%g, lr %g, wd %g, %s→%spx on %s",
@@ -165,7 +167,7 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
                                 board.add_scalar(f"{learner.arch}@{learner.res}/{key}" if i else key, value, done)
             stop = preemption.requested  # read once: a SIGTERM between the two checks still checkpoints
             if rank == 0 and learners[0].ckpt and (stop or done == steps or learners[0].ckpt.due(done)):
-                for learner in learners:
+                for learner in reversed(learners):  # the first student last: its step commits them all
                     learner.save(done)
             if stop:
                 bar.close()
@@ -214,11 +216,16 @@ def _tensorboard(path: Path):
 class Learner:
     """One student: model, optimizer, DDP/compiled forward, checkpoints, running loss and history."""
 
-    def __init__(self, arch: str, res: int, model, opt, forward, ckpt: CheckpointManager | None) -> None:
+    def __init__(self, arch: str, res: int, model, opt, forward, ckpt: CheckpointManager | None,
+                 resume_step: int | None = None) -> None:
         self.arch, self.res, self.model, self.opt, self.forward, self.ckpt = arch, res, model, opt, forward, ckpt
         self.start, self.history = 0, []
         self.running, self.window = torch.zeros((), device=next(model.parameters()).device), 0
-        if ckpt and (loaded := ckpt.load_latest()):
+        loaded = ckpt.load_latest(only_step=resume_step or None) if ckpt else None
+        if ckpt and resume_step and not loaded:
+            raise CheckpointError(f"{ckpt.directory} has no valid checkpoint at step {resume_step}, where the "
+                                  "first student resumes; delete both checkpoint directories to start over")
+        if loaded:
             CheckpointManager.restore(loaded, model, opt)
             self.start, self.history = loaded.step, loaded.meta["extra"].get("history", [])
             running, self.window = loaded.meta["extra"].get("loss_window", (0.0, 0))  # steps since the last log
@@ -255,7 +262,7 @@ class Learner:
 
 
 def _learner(cfg: Config, arch: str, res: int, num_classes: int, device, fmt, world: int, out_dir,
-             checkpoint_dir: str, allow_config_change: bool) -> Learner:
+             checkpoint_dir: str, allow_config_change: bool, resume_step: int | None = None) -> Learner:
     s, k = cfg.student, cfg.distill
     # Initialised from (seed, arch, resolution): a student starts the same alone or beside others.
     torch.manual_seed(zlib.crc32(f"{cfg.runtime.seed}:{arch}:{res}".encode()))
@@ -272,7 +279,7 @@ def _learner(cfg: Config, arch: str, res: int, num_classes: int, device, fmt, wo
     ckpt = CheckpointManager(checkpoint_dir, cfg.hash(), keep=k.keep_checkpoints, every_steps=k.checkpoint_every_steps,
                              every_minutes=k.checkpoint_every_minutes,
                              allow_config_change=allow_config_change) if checkpoint_dir else None
-    return Learner(arch, res, model, opt, forward, ckpt)
+    return Learner(arch, res, model, opt, forward, ckpt, resume_step)
 
 
 class Batches:

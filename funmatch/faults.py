@@ -68,8 +68,8 @@ def _instrument() -> None:
         _say("step", step)
         return step_generator(seed, step)
 
-    def announced_load_latest(self):
-        loaded = load_latest(self)
+    def announced_load_latest(self, *args, **kwargs):
+        loaded = load_latest(self, *args, **kwargs)
         size = sum(os.path.getsize(self._path(loaded.step, e)) for e in ("json", "safetensors")) if loaded else 0
         _say("resumed", loaded.step if loaded else 0, size)
         return loaded

@@ -161,3 +161,21 @@ def test_readme_consumer_snippet_runs_on_an_export(tmp_path, tiny_cfg, dataset_d
     exec(compile(snippet, "README.md", "exec"), {})
     card = json.loads((tmp_path / "demo" / "model.json").read_text())
     assert capsys.readouterr().out.strip().splitlines()[-1] in card["classes"]
+
+
+def test_several_students_resume_together(tmp_path, dataset_dir, teacher_dir):
+    """A crash between the students' saves: every student resumes at the first student's step."""
+    base = ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0", "distill.checkpoint_every_steps=3",
+            "distill.extra_students=bit-r18-mini@32"]
+    cfg = config.load("demo-tiny", base)
+    distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "full")
+    ck = tmp_path / "ck"
+    distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "first", checkpoint_dir=str(ck))
+    for ext in ("json", "safetensors"):  # the first student's final save never happened
+        (ck / f"ckpt-000000007.{ext}").unlink()
+    (ck / "latest").unlink()
+    distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "resumed", checkpoint_dir=str(ck))
+    for sub in ("", "extra-1/"):
+        a = load_file(str(tmp_path / "full" / f"{sub}member-0.safetensors"))
+        b = load_file(str(tmp_path / "resumed" / f"{sub}member-0.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
