@@ -91,9 +91,17 @@ def mixup(x: torch.Tensor, a: float) -> torch.Tensor:
     return a * x + (1.0 - a) * x.roll(1, dims=0)
 
 
+def shard_rows(batch_size: int, setup: str, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """The rows of the global batch whose images rank `shard[0]` of `shard[1]` uses: its contiguous
+    slice, preceded (funmatch under DDP) by the mixup neighbour of the slice's first image."""
+    rank, world = shard
+    local = torch.arange(rank * batch_size // world, (rank + 1) * batch_size // world)
+    return torch.cat([(local[:1] - 1) % batch_size, local]) if setup == "funmatch" and world > 1 else local
+
+
 def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int | Sequence[int],
                   student_res: int | Sequence[int], area_range: tuple[float, float], generator: torch.Generator,
-                  shard: tuple[int, int] = (0, 1)
+                  shard: tuple[int, int] = (0, 1), batch_size: int | None = None
                   ) -> tuple[list[torch.Tensor] | None, torch.Tensor | list[torch.Tensor]]:
     """([teacher input per teacher resolution] or None for `fixed`, student input) for one batch.
 
@@ -102,24 +110,25 @@ def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int | Sequen
     teacher's targets were precomputed on central crops). An ensemble whose teachers run at several
     resolutions (e.g. 384 and 224) gets the same crop at each.
 
-    `shard=(rank, world)`: `images_u8` is the global batch; only this rank's contiguous slice is
-    made, with exactly the randomness (and mixup neighbour) it has in the single-process batch.
+    `shard=(rank, world)`: `images_u8` is the global batch, or (when `batch_size`, the global batch
+    size, is given and larger) only its `shard_rows`; only this rank's contiguous slice is made, with
+    exactly the randomness (and mixup neighbour) it has in the single-process batch.
     A list of student resolutions (several students) gives a list of student views of the same crop.
     """
     resolutions = [teacher_res] if isinstance(teacher_res, int) else list(teacher_res)
-    n, height, width = images_u8.shape[:3]
-    rank, world = shard
-    local = torch.arange(rank * n // world, (rank + 1) * n // world)
+    n, height, width = batch_size or len(images_u8), *images_u8.shape[1:3]
+    rows = shard_rows(n, setup, shard)
     boxes = inception_boxes(n, height, width, area_range, generator)
     flips = torch.rand(n, generator=generator) < 0.5
     t_boxes, t_flips = boxes, flips
     if setup == "independent":
         t_boxes = inception_boxes(n, height, width, area_range, generator)
         t_flips = torch.rand(n, generator=generator) < 0.5
-    # Mixup pairs image i with i-1 of the global batch: make the neighbour of the slice's first image too.
-    sharded_mixup = setup == "funmatch" and world > 1
-    rows = torch.cat([(local[:1] - 1) % n, local]) if sharded_mixup else local
-    x = to_float_nchw(images_u8[rows.to(images_u8.device)])
+    # Mixup pairs image i with i-1 of the global batch: the rows hold the neighbour of the slice's first image too.
+    sharded_mixup = setup == "funmatch" and shard[1] > 1
+    x = to_float_nchw(images_u8 if len(images_u8) < n or shard[1] == 1 else images_u8[rows.to(images_u8.device)])
+    if len(x) != len(rows):
+        raise ValueError(f"distill_views got {len(x)} images; expected the global batch ({n}) or its {len(rows)} shard rows")
 
     def view(b: torch.Tensor, f: torch.Tensor, res: int) -> torch.Tensor:
         return value_range(flip(crop_resize(x, b[rows], res), f[rows]))

@@ -200,14 +200,19 @@ def cmd_onnx(args) -> int:
     return 0
 
 
-# `bench distill` (throughput of the distillation step) goes here next to `onnx`.
 def cmd_distill(args) -> int:
     from funmatch import bench_distill  # the GPU loop benchmark lives with its baselines
 
     return bench_distill.command(args)
 
 
-COMMANDS: dict[str, Callable] = {"onnx": cmd_onnx, "distill": cmd_distill}
+def cmd_loader(args) -> int:
+    from funmatch import bench_loader
+
+    return bench_loader.command(args)
+
+
+COMMANDS: dict[str, Callable] = {"onnx": cmd_onnx, "distill": cmd_distill, "loader": cmd_loader}
 
 
 def command(args) -> int:

@@ -1,7 +1,8 @@
 """`funmatch bench distill`: the project's real distill loop against plain-PyTorch baselines, one process.
 
-The loop is `funmatch.distill.run` itself — prepared dataset artifact (uint8 shards, resident on the
-device) → batched augmentation → frozen teacher → student → clipped Adam — on a synthetic dataset
+The loop is `funmatch.distill.run` itself — prepared dataset artifact (uint8 shards resident on the
+device; or, with `--set data.encoding=jpeg --set runtime.resident_max_gb=0`, JPEG shards streamed
+through the decode workers) → batched augmentation → frozen teacher → student → clipped Adam — on a synthetic dataset
 artifact with the preset's shapes. The baselines are those of `shared/tools/gpu_anchor128.py`:
 naive fp32 eager, and bf16 + channels_last + torch.compile, both on one fixed synthetic batch (no
 input pipeline at all). Ratios are measured in the same run. MFU is against the bf16 dense peak of
@@ -21,25 +22,28 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from funmatch import config, data, distill, models, runtime
+from funmatch.bench_loader import natural_images
 
 log = logging.getLogger("funmatch.bench")
 PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16
 
 
 def synthetic_artifacts(cfg: config.Config, root: Path, images: int, num_classes: int) -> tuple[Path, Path]:
-    """A dataset artifact of random uint8 images at the stored resolution, and a teacher artifact."""
-    size = cfg.data.stored_resolution
-    rng = np.random.default_rng(0)
+    """A dataset artifact at the stored resolution in `data.encoding` (raw: uniform noise; jpeg: photograph-
+    like 1/f images, so that decoding costs what it would), and a teacher artifact."""
+    d = cfg.data
+    size = d.stored_resolution
     dataset = root / "dataset"
     dataset.mkdir(parents=True)
-    x = rng.integers(0, 256, (images, size, size, 3), dtype=np.uint8)
+    x = np.random.default_rng(0).integers(0, 256, (images, size, size, 3), dtype=np.uint8) if d.encoding == "raw" \
+        else natural_images(images, size)
     y = np.arange(images) % num_classes
-    splits = {s: data.write_split(dataset, s, x[:n], y[:n], cfg.data.shard_size, num_classes)
+    splits = {s: data.write_split(dataset, s, x[:n], y[:n], d.shard_size, num_classes, d.encoding, d.jpeg_quality)
               for s, n in (("train", images), ("val", num_classes), ("test", num_classes))}
     classes = [f"class_{i}" for i in range(num_classes)]
     (dataset / "manifest.json").write_text(json.dumps({
         "format": data.FORMAT, "source": "synthetic", "classes": classes, "num_classes": num_classes,
-        "stored_resolution": size, "splits": splits, "skipped": {"count": 0, "files": []}}))
+        "stored_resolution": size, "encoding": d.encoding, "splits": splits, "skipped": {"count": 0, "files": []}}))
     t = cfg.teacher
     resolutions = config.member_resolutions(t)
     members = [models.create_model(t.arch, num_classes, stem_pool=t.stem_pool, zero_head=False) for _ in resolutions]

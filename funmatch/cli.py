@@ -100,6 +100,21 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--steps", type=int, default=20, help="timed steps of each case (default: 20)")
     bd.add_argument("--no-compile-baseline", action="store_true", help="skip the torch.compile baseline")
     bd.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
+    bl = bench_sub.add_parser(
+        "loader", help="the streaming input pipeline's own img/s (JPEG/raw shards → worker decode → device)",
+        description="Streams the train split of a prepared dataset artifact (or of a synthetic JPEG one with "
+                    "photograph-like 1/f images at the preset's stored resolution) through the distill loader, "
+                    "without training, for each worker count; prints img/s, img/s per worker and one process's "
+                    "decode rate.")
+    _config_args(bl)
+    bl.add_argument("--dataset", default="", metavar="DIR", help="a prepared dataset artifact (default: synthetic)")
+    bl.add_argument("--images", type=int, default=2048, help="synthetic dataset size (default: 2048)")
+    bl.add_argument("--batch-size", type=int, default=256, help="images per batch (default: 256)")
+    bl.add_argument("--steps", type=int, default=24, help="timed batches per worker count (default: 24)")
+    bl.add_argument("--workers", default="1", help="worker counts, comma-separated, e.g. 1,2,8,15 (default: 1)")
+    bl.add_argument("--decode", default="cpu", choices=["cpu", "device"],
+                    help="cpu: workers decode; device: workers read bytes, the training device decodes (default: cpu)")
+    bl.add_argument("--json", default=None, metavar="PATH", help="also write the figures as JSON")
     stage = sub.add_parser("stage", help="run one stage in this process (what a multi-node TrainJob's pods run)")
     stage_sub = stage.add_subparsers(dest="stage", required=True)
     sd = stage_sub.add_parser(

@@ -24,11 +24,13 @@ SETUPS = ("fixed", "independent", "consistent", "funmatch")
 NOT_HASHED = {"distill.log_every", "distill.eval_every", "distill.checkpoint_every_steps",
               "distill.checkpoint_every_minutes", "distill.keep_checkpoints", "distill.num_nodes",
               "runtime.device", "runtime.num_threads", "runtime.checkpoint_dir", "runtime.resident_max_gb",
-              "runtime.allow_config_change"}
+              "runtime.allow_config_change", "runtime.loader_workers", "runtime.jpeg_decode"}
 NAMED_DATASETS = ("flowers102", "pets", "food101", "sun397", "imagenet")
 OPTIMIZERS = ("adam", "shampoo")
 STEM_POOLS = ("zero_pad", "neg_inf_pad")
 PRECISIONS = ("fp32", "bf16")
+JPEG_DECODERS = ("cpu", "device")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -48,6 +50,8 @@ class DataConfig:
     max_bad_fraction: float = 0.05  # more unreadable files than this fails the stage
     max_image_pixels: int = 89_478_485  # decompression-bomb limit (Pillow's default)
     max_train_per_class: int = 0  # keep only the first N train images per class (quick experiments); 0: all
+    encoding: str = "raw"  # raw: uint8 arrays (small datasets, GPU-resident) | jpeg: streamed, decoded in parallel
+    jpeg_quality: int = 95  # encoding=jpeg: quality of the re-encoded stored images
 
 
 @dataclass
@@ -150,9 +154,14 @@ class RuntimeConfig:
     num_threads: int = 0  # CPU threads for torch; 0: torch's default
     precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     compile: bool = False  # torch.compile the models (pays off on long GPU runs)
+    # torch.compile mode: default | reduce-overhead (CUDA graphs: the step's shapes are static) | max-autotune
+    # | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     checkpoint_dir: str = ""  # durable checkpoint location (path or gs://); empty: none
     allow_config_change: bool = False  # resume from checkpoints made with another config hash
     resident_max_gb: float = 16.0  # train splits up to this size live on the device as uint8; larger ones stream
+    loader_workers: int = 0  # streamed data: decode processes; 0: one per CPU but one (at most 32)
+    jpeg_decode: str = "cpu"  # streamed jpeg data: cpu (libjpeg-turbo in the workers) | device (nvJPEG on the GPU)
 
 
 @dataclass
@@ -398,6 +407,8 @@ def validate(cfg: Config) -> None:
     _check(d.shard_size > 0, "data.shard_size", d.shard_size, "a positive integer")
     _check(d.max_train_per_class >= 0, "data.max_train_per_class", d.max_train_per_class, "0 (all) or a positive integer")
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a fraction in [0, 1]")
+    _check(d.encoding in ("raw", "jpeg"), "data.encoding", d.encoding, "raw or jpeg")
+    _check(1 <= d.jpeg_quality <= 100, "data.jpeg_quality", d.jpeg_quality, "an integer in [1, 100]")
     _check(d.max_image_pixels > 0, "data.max_image_pixels", d.max_image_pixels, "a positive integer")
 
     for role, m in (("teacher", t), ("student", s)):
@@ -473,6 +484,9 @@ def validate(cfg: Config) -> None:
            "auto, cpu, cuda or cuda:N")
     _check(rt.num_threads >= 0, "runtime.num_threads", rt.num_threads, "a non-negative integer")
     _check(rt.resident_max_gb >= 0, "runtime.resident_max_gb", rt.resident_max_gb, "a non-negative number of GiB")
+    _check(rt.loader_workers >= 0, "runtime.loader_workers", rt.loader_workers, "0 (auto) or a positive integer")
+    _check(rt.jpeg_decode in JPEG_DECODERS, "runtime.jpeg_decode", rt.jpeg_decode, f"one of {', '.join(JPEG_DECODERS)}")
+    _check(rt.compile_mode in COMPILE_MODES, "runtime.compile_mode", rt.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
     _check(rt.precision in PRECISIONS, "runtime.precision", rt.precision, f"one of {', '.join(PRECISIONS)}")
 
 

@@ -1,9 +1,10 @@
 """Image sources, decoding, deterministic splits and the prepared dataset artifact.
 
-The artifact is a directory: `manifest.json` (classes, split sizes, source, stored resolution, shard
-checksums, skipped files) and per split `.npy` shards of uint8 images (N×S×S×3, RGB) and int64
-labels. `.npy` loads without pickle and memory-maps, so a trainer can stream shards or hold a small
-dataset resident on the GPU. Files that cannot be decoded are copied, bytes unchanged, into
+The artifact is a directory: `manifest.json` (classes, split sizes, source, stored resolution, encoding,
+shard checksums, skipped files) and per split shards of images and int64 labels. Images are stored
+`raw` (`.npy` uint8 N×S×S×3, RGB: small datasets, loaded whole onto the GPU) or `jpeg` (the images
+JPEG-encoded back to back plus byte offsets: ImageNet-size datasets, streamed and decoded in parallel
+by the trainer's loader). `.npy` loads without pickle and memory-maps. Files that cannot be decoded are copied, bytes unchanged, into
 `quarantine/` (their path below the source root) and listed with their reason in `skipped`.
 
 A source may also be a `.tar`, `.tar.gz`/`.tgz` or `.zip` archive (local or gs://) holding the
@@ -38,6 +39,7 @@ from funmatch.errors import DataError
 FORMAT = "funmatch-dataset/1"
 SPLITS = ("train", "val", "test")
 # torchvision's ImageFolder extensions
+ENCODINGS = ("raw", "jpeg")  # how the artifact stores images: uint8 arrays, or JPEG bytes
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -433,19 +435,88 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray,
-                shard_size: int, num_classes: int) -> dict:
-    shards = []
-    for i, start in enumerate(range(0, len(images), shard_size)):
-        entry = {"count": int(min(shard_size, len(images) - start))}
-        for kind, arr in (("images", images[start:start + shard_size]), ("labels", labels[start:start + shard_size])):
-            name = f"{split}-{i:05d}-{kind}.npy"
-            np.save(out_dir / name, np.ascontiguousarray(arr), allow_pickle=False)
-            entry[kind] = name
-            entry[f"{kind}_sha256"] = sha256_file(out_dir / name)
-        shards.append(entry)
-    counts = np.bincount(labels, minlength=num_classes)
-    return {"count": int(len(images)), "class_counts": counts.tolist(), "shards": shards}
+class SplitWriter:
+    """Writes one split's shards as images arrive, `shard_size` at a time (memory stays bounded by
+    one shard). `raw`: `.npy` uint8 N×S×S×3; `jpeg`: the images JPEG-encoded back to back in a
+    `.jpegs` file with an `.npy` of N+1 byte offsets (~6× smaller: ImageNet streams from shards)."""
+
+    def __init__(self, out_dir: str | Path, split: str, shard_size: int, num_classes: int,
+                 encoding: str = "raw", jpeg_quality: int = 95) -> None:
+        if encoding not in ENCODINGS:
+            raise DataError(f"data.encoding={encoding!r} is not allowed; expected one of {ENCODINGS}")
+        self.out, self.split, self.shard_size, self.encoding, self.quality = Path(out_dir), split, shard_size, encoding, jpeg_quality
+        self.counts = np.zeros(num_classes, dtype=np.int64)
+        self.shards: list[dict] = []
+        self._images: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._pending = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self._images.append(images)
+        self._labels.append(np.asarray(labels, dtype=np.int64))
+        self._pending += len(images)
+        while self._pending >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def close(self) -> dict:
+        """Writes the last partial shard; returns the split's manifest entry."""
+        if self._pending:
+            self._flush(self._pending)
+        return {"count": int(self.counts.sum()), "class_counts": self.counts.tolist(), "shards": self.shards}
+
+    def _flush(self, count: int) -> None:
+        images, labels = np.concatenate(self._images), np.concatenate(self._labels)
+        self._images, self._labels = [images[count:]], [labels[count:]]
+        self._pending -= count
+        images, labels = images[:count], labels[:count]
+        self.counts += np.bincount(labels, minlength=len(self.counts))
+        stem = self.out / f"{self.split}-{len(self.shards):05d}"
+        entry: dict = {"count": count}
+        files = {"labels": (Path(f"{stem}-labels.npy"), labels)}
+        if self.encoding == "raw":
+            files["images"] = (Path(f"{stem}-images.npy"), images)
+        else:
+            blobs = [encode_jpeg(im, self.quality) for im in images]
+            Path(f"{stem}-images.jpegs").write_bytes(b"".join(blobs))
+            entry["images"] = f"{stem.name}-images.jpegs"
+            entry["images_sha256"] = sha256_file(f"{stem}-images.jpegs")
+            files["offsets"] = (Path(f"{stem}-offsets.npy"), np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64))
+        for kind, (path, arr) in files.items():
+            np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
+            entry[kind] = path.name
+            entry[f"{kind}_sha256"] = sha256_file(path)
+        self.shards.append(entry)
+
+
+def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, shard_size: int,
+                num_classes: int, encoding: str = "raw", jpeg_quality: int = 95) -> dict:
+    """One split written at once (see SplitWriter); returns its manifest entry."""
+    writer = SplitWriter(out_dir, split, shard_size, num_classes, encoding, jpeg_quality)
+    writer.add(images, labels)
+    return writer.close()
+
+
+def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    """S×S×3 uint8 → baseline JPEG bytes (4:2:0, as most photographs are stored)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def decode_jpegs(blobs: Sequence[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
+    """JPEG byte arrays → N×S×S×3 uint8 on `device`: libjpeg-turbo on the CPU, nvJPEG (batched) on
+    a CUDA device. All images of a split have the same size."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.from_numpy(b if b.flags.writeable else b.copy()) for b in map(np.asarray, blobs)]
+    if not tensors:
+        raise DataError("decode_jpegs got no images")
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image codecs for TorchCodec's; these still are libjpeg-turbo /
+        # nvJPEG, and the GPU images (torchvision < 0.29) have no TorchCodec.
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
+        images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+    return torch.stack(images).permute(0, 2, 3, 1).contiguous()
 
 
 def read_manifest(dataset_dir: str | Path) -> dict:
@@ -456,32 +527,72 @@ def read_manifest(dataset_dir: str | Path) -> dict:
         raise DataError(f"{dataset_dir} is not a prepared dataset ({e})") from e
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("encoding", "raw") not in ENCODINGS:
+        raise DataError(f"{path}: encoding {manifest.get('encoding')!r}, expected one of {ENCODINGS}")
     return manifest
 
 
 class ShardedImages:
     """Random access to one split's images through memory-mapped shards: datasets larger than the
-    device (or RAM) stream batch by batch instead of being loaded whole."""
+    device (or RAM) stream batch by batch instead of being loaded whole. Picklable (the maps are
+    opened again in each DataLoader worker)."""
 
     def __init__(self, dataset_dir: str | Path, split: str) -> None:
         manifest = read_manifest(dataset_dir)
-        shards = manifest["splits"][split]["shards"]
-        self.shards = [np.load(Path(dataset_dir) / sh["images"], mmap_mode="r", allow_pickle=False) for sh in shards]
-        self.starts = np.cumsum([0] + [len(a) for a in self.shards])
-        self.nbytes = sum(a.nbytes for a in self.shards)
+        if split not in manifest["splits"]:
+            raise DataError(f"{dataset_dir} has no split {split!r} (has {', '.join(manifest['splits'])})")
+        self.dataset_dir, self.split = Path(dataset_dir), split
+        self.encoding = manifest.get("encoding", "raw")
+        self.counts = [sh["count"] for sh in manifest["splits"][split]["shards"]]
+        self.starts = np.cumsum([0] + self.counts)
+        size = manifest["stored_resolution"]
+        self.image_shape = (size, size, 3)
+        self.nbytes = len(self) * size * size * 3  # decoded, as the trainer holds them
+        self._shard_files = manifest["splits"][split]["shards"]
+        self._maps: list | None = None
+
+    def __getstate__(self) -> dict:
+        return self.__dict__ | {"_maps": None}
+
+    @property
+    def maps(self) -> list:
+        if self._maps is None:
+            open_ = functools.partial(np.load, mmap_mode="r", allow_pickle=False)
+            if self.encoding == "raw":
+                self._maps = [open_(self.dataset_dir / sh["images"]) for sh in self._shard_files]
+            else:
+                self._maps = [(np.memmap(self.dataset_dir / sh["images"], dtype=np.uint8, mode="r"),
+                               np.load(self.dataset_dir / sh["offsets"], allow_pickle=False)) for sh in self._shard_files]
+        return self._maps
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def gather(self, idx: np.ndarray) -> np.ndarray:
-        """The images at `idx` (any order), read shard by shard."""
+    def _by_shard(self, idx: np.ndarray):
+        """(shard, rows of `idx`, their indices inside the shard) with sequential reads per shard."""
         shard = np.searchsorted(self.starts, idx, side="right") - 1
-        out = np.empty((len(idx),) + self.shards[0].shape[1:], dtype=np.uint8)
         for s in np.unique(shard):
             rows = np.flatnonzero(shard == s)
             local = idx[rows] - self.starts[s]
-            order = np.argsort(local)  # sequential reads within a shard
-            out[rows[order]] = self.shards[s][local[order]]
+            order = np.argsort(local)
+            yield s, rows[order], local[order]
+
+    def encoded(self, idx: np.ndarray) -> list[np.ndarray]:
+        """The JPEG bytes of the images at `idx` (jpeg datasets), in `idx` order."""
+        out: list = [None] * len(idx)
+        for s, rows, local in self._by_shard(idx):
+            blob, offsets = self.maps[s]
+            for r, i in zip(rows, local):
+                out[r] = np.array(blob[offsets[i]:offsets[i + 1]])
+        return out
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        """The decoded images at `idx` (any order), read shard by shard."""
+        if self.encoding == "jpeg":
+            return decode_jpegs(self.encoded(idx)).numpy()
+        out = np.empty((len(idx),) + self.image_shape, dtype=np.uint8)
+        for s, rows, local in self._by_shard(idx):
+            out[rows] = self.maps[s][local]
         return out
 
 
@@ -491,14 +602,21 @@ def load_split(dataset_dir: str | Path, split: str, verify: bool = True) -> tupl
     manifest = read_manifest(dataset_dir)
     if split not in manifest["splits"]:
         raise DataError(f"{dataset_dir} has no split {split!r} (has {', '.join(manifest['splits'])})")
-    images, labels = [], []
-    for shard in manifest["splits"][split]["shards"]:
-        for kind, out in (("images", images), ("labels", labels)):
-            path = dataset_dir / shard[kind]
-            if verify and sha256_file(path) != shard[f"{kind}_sha256"]:
-                raise DataError(f"{path}: checksum mismatch, the dataset artifact is corrupt")
-            out.append(np.load(path, allow_pickle=False))
-    return np.concatenate(images), np.concatenate(labels)
+    shards = manifest["splits"][split]["shards"]
+    if verify:
+        for shard in shards:
+            for kind in ("images", "labels", "offsets"):
+                path = dataset_dir / shard[kind] if kind in shard else None
+                if path and sha256_file(path) != shard[f"{kind}_sha256"]:
+                    raise DataError(f"{path}: checksum mismatch, the dataset artifact is corrupt")
+    labels = np.concatenate([np.load(dataset_dir / sh["labels"], allow_pickle=False) for sh in shards])
+    source = ShardedImages(dataset_dir, split)
+    if source.encoding == "raw":
+        images = np.concatenate([np.load(dataset_dir / sh["images"], allow_pickle=False) for sh in shards])
+    else:
+        images = np.concatenate([source.gather(np.arange(start, start + count))
+                                 for start, count in zip(source.starts[:-1], source.counts)])
+    return images, labels
 
 
 def decode_files(pairs: list[tuple[str, int]], size: int, max_pixels: int,

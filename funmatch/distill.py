@@ -17,13 +17,12 @@ import signal
 import sys
 import time
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from funmatch import augment, data, models, optim, runtime, storage
+from funmatch import augment, data, loader, models, optim, runtime, storage
 from funmatch.checkpoint import CheckpointManager
 from funmatch import config
 from funmatch.config import Config, split_uris
@@ -68,10 +67,12 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         raise ConfigError(f"distill.batch_size={k.batch_size} is not allowed: it must divide evenly over "
                           f"{world} processes (the global batch is preserved)")
 
-    # Data: the train split resident on the device as uint8 (views are made there, per batch), or
-    # streamed from memory-mapped shards, one batch ahead, when it is larger than runtime.resident_max_gb.
+    # Data: the train split resident on the device as uint8 (views are made there, per batch), or, when
+    # larger than runtime.resident_max_gb, streamed from the shards by parallel decode workers.
     manifest = data.read_manifest(dataset_dir)
-    batches = Batches(dataset_dir, device, cfg.runtime.resident_max_gb)
+    batches = loader.Batches(dataset_dir, device, cfg.runtime.resident_max_gb, k.batch_size, seed,
+                             augment.shard_rows(k.batch_size, k.setup, (rank, world)),
+                             cfg.runtime.loader_workers, cfg.runtime.jpeg_decode)
     n = batches.n
     steps = optim.total_steps(k.epochs, n, k.batch_size)
     if k.warmup_steps >= steps:
@@ -103,7 +104,7 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     student_res = [r for _, r in specs]
 
     # The teacher forward is 80-90 % of a step's compute: compiled too when runtime.compile is set.
-    teacher_fwd = [torch.compile(t) for t in teachers] if cfg.runtime.compile else teachers
+    teacher_fwd = [torch.compile(t, mode=cfg.runtime.compile_mode) for t in teachers] if cfg.runtime.compile else teachers
 
     def teach(views: list[torch.Tensor]) -> torch.Tensor:
         by_res = dict(zip(views_of, views))
@@ -137,19 +138,21 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     timed_from = start + min(10, (steps - start) // 4)  # steady-state throughput: after warm-up / compile
     timer = 0.0
     with _Preemption() as preemption:
-        for step in range(start, steps):
+        for step, images in zip(range(start, steps), batches.iterate(start, steps)):
             g = augment.step_generator(seed, step)
-            idx = data.batch_indices(step, k.batch_size, n, seed)
-            t_in, s_in = augment.distill_views(batches.get(step, idx, k.batch_size, seed), k.setup, views_of,
-                                               student_res, (k.crop_min_area, k.crop_max_area), g,
-                                               shard=(rank, world))
+            t_in, s_in = augment.distill_views(images, k.setup, views_of, student_res,
+                                               (k.crop_min_area, k.crop_max_area), g, shard=(rank, world),
+                                               batch_size=k.batch_size)
             if step == timed_from:
                 _sync(device)
                 timer = time.perf_counter()
             if fmt is torch.channels_last:
                 s_in = [x.contiguous(memory_format=fmt) for x in s_in]
                 t_in = t_in and [t.contiguous(memory_format=fmt) for t in t_in]
-            target = fixed_logits[idx[local].to(device)] if fixed_logits is not None else teach(t_in)
+            if fixed_logits is not None:
+                target = fixed_logits[data.batch_indices(step, k.batch_size, n, seed)[local].to(device)]
+            else:
+                target = teach(t_in)
             lr_now = k.lr * optim.warmup_cosine(step, k.warmup_steps, steps)
             for learner, x in zip(learners, s_in):
                 learner.step(x, target, lr_now, amp, k)
@@ -275,39 +278,11 @@ def _learner(cfg: Config, arch: str, res: int, num_classes: int, device, fmt, wo
     forward = model
     if world > 1:  # only students are wrapped: the frozen teacher stays outside DDP
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    forward = torch.compile(forward) if cfg.runtime.compile else forward
+    forward = torch.compile(forward, mode=cfg.runtime.compile_mode) if cfg.runtime.compile else forward
     ckpt = CheckpointManager(checkpoint_dir, cfg.hash(), keep=k.keep_checkpoints, every_steps=k.checkpoint_every_steps,
                              every_minutes=k.checkpoint_every_minutes,
                              allow_config_change=allow_config_change) if checkpoint_dir else None
     return Learner(arch, res, model, opt, forward, ckpt, resume_step)
-
-
-class Batches:
-    """uint8 NHWC batches of the train split on the device: gathered from a resident copy, or read
-    from the memory-mapped shards with the next batch prefetched in a background thread."""
-
-    def __init__(self, dataset_dir: str | Path, device: torch.device, resident_max_gb: float) -> None:
-        self.device = device
-        self.source = data.ShardedImages(dataset_dir, "train")
-        self.n = len(self.source)
-        self.resident = None
-        if self.source.nbytes <= resident_max_gb * 2**30:
-            images, _ = data.load_split(dataset_dir, "train")  # checksums verified
-            self.resident = torch.from_numpy(images).to(device)
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._next: tuple[int, Future] | None = None
-
-    def _read(self, idx: torch.Tensor) -> torch.Tensor:
-        batch = torch.from_numpy(self.source.gather(idx.numpy()))
-        return batch.pin_memory() if self.device.type == "cuda" else batch
-
-    def get(self, step: int, idx: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
-        if self.resident is not None:
-            return self.resident[idx.to(self.device)]
-        host = self._next[1].result() if self._next and self._next[0] == step else self._read(idx)
-        ahead = data.batch_indices(step + 1, batch_size, self.n, seed)
-        self._next = (step + 1, self._pool.submit(self._read, ahead))
-        return host.to(self.device, non_blocking=True)
 
 
 def _sync(device: torch.device) -> None:

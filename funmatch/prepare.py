@@ -1,8 +1,9 @@
 """Stage 1, data prep: a source (bundled demo, local or gs:// ImageFolder) → a dataset artifact.
 
-Reads top to bottom: open the source, decode every image to the stored resolution (skipping and
-listing unreadable files and copying them into `quarantine/`), split deterministically when the
-source has no splits, write shards and the manifest. More unreadable files than
+Reads top to bottom: open the source, split deterministically (on the labels) when the source has
+no splits, decode every image to the stored resolution (skipping and listing unreadable files and
+copying them into `quarantine/`) while writing shards (raw uint8 or JPEG, `data.encoding`) one at
+a time, then the manifest. More unreadable files than
 `data.max_bad_fraction` fails the stage. An archive source is extracted into `.source/` inside the
 artifact and removed once decoded.
 """
@@ -13,6 +14,7 @@ import logging
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +25,7 @@ from funmatch.errors import DataError
 from funmatch.runtime import Stopwatch
 
 log = logging.getLogger("funmatch.prepare")
+Part = Union[tuple[np.ndarray, np.ndarray], list[tuple[str, int]]]  # a split: decoded arrays, or (file, label) pairs
 
 
 def run(cfg: Config, out_dir: str | Path) -> dict:
@@ -37,51 +40,55 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     source = data.open_source(d.source, d.root, d.download, workdir=work)
     size = d.stored_resolution
 
-    # 1. Decode every split the source has (pre-decoded arrays or files).
-    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    # 1. Deterministic, stratified splits where the source has none, decided on the labels before any
+    # decoding: which split a file lands in does not depend on which other files are unreadable.
+    parts: dict[str, Part] = {**source.arrays, **source.files}
+    origin = "source"
+    if "all" in parts:
+        whole = parts.pop("all")
+        val_idx, test_idx, train_idx = data.stratified_split(_labels(whole), (d.val_fraction, d.test_fraction), d.split_seed)
+        parts |= {split: _take(whole, idx) for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx))}
+        origin = f"stratified(seed={d.split_seed}, val={d.val_fraction}, test={d.test_fraction})"
+    elif "train" in parts and ("val" not in parts or "test" not in parts):
+        missing = [s for s in ("val", "test") if s not in parts]
+        fracs = tuple(f for s, f in (("val", d.val_fraction), ("test", d.test_fraction)) if s in missing)
+        train = parts["train"]
+        cut = data.stratified_split(_labels(train), fracs, d.split_seed)
+        parts |= {split: _take(train, idx) for split, idx in zip(missing, cut)} | {"train": _take(train, cut[-1])}
+        origin = f"source train/{'/'.join(s for s in ('val', 'test') if s not in missing)} + " \
+                 f"stratified {'/'.join(missing)} (seed={d.split_seed})"
+    if d.max_train_per_class:
+        labels = _labels(parts["train"])
+        keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:d.max_train_per_class]
+                                       for c in range(len(source.classes))]))
+        parts["train"] = _take(parts["train"], keep)
+
+    # 2. Decode to the stored resolution and write shards as they fill (memory: one shard at a time).
+    entries: dict[str, dict] = {}
     skipped: list[dict] = []
-    for split, (images, labels) in source.arrays.items():
-        splits[split] = data.resize_array(images, size), labels
     total = sum(len(p) for p in source.files.values())
     with tqdm(total=total, desc="decode", unit="img", disable=total == 0, mininterval=2) as bar:
-        for split, pairs in source.files.items():
-            images, labels, bad = data.decode_files(pairs, size, d.max_image_pixels, bar.update)
-            splits[split] = images, labels
-            skipped += bad
+        for split in data.SPLITS:
+            writer = data.SplitWriter(out, split, d.shard_size, len(source.classes), d.encoding, d.jpeg_quality)
+            part = parts[split]
+            if isinstance(part, tuple):  # pre-decoded arrays
+                writer.add(data.resize_array(part[0], size), part[1])
+            for start in range(0, 0 if isinstance(part, tuple) else len(part), d.shard_size):
+                images, labels, bad = data.decode_files(part[start:start + d.shard_size], size, d.max_image_pixels,
+                                                        bar.update)
+                writer.add(images, labels)
+                skipped += bad
+            entries[split] = writer.close()
     data.quarantine(source, skipped, out)  # bytes kept for a look, even when the stage fails below
     shutil.rmtree(work, ignore_errors=True)
     if total and len(skipped) > d.max_bad_fraction * total:
         raise DataError(f"{len(skipped)} of {total} images in {d.source!r} are unreadable, more than "
                         f"data.max_bad_fraction={d.max_bad_fraction}; first: {skipped[0]}")
-    if sum(len(lab) for _, lab in splits.values()) == 0:
+    if sum(e["count"] for e in entries.values()) == 0:
         raise DataError(f"data.source={d.source!r}: no readable images ({len(skipped)} unreadable)")
     for s in skipped:
         log.warning("skipped %s (%s): %s; copy in %s", s["path"], s["kind"], s["reason"], s.get("quarantine"))
-
-    # 2. Deterministic, stratified splits when the source has none.
-    origin = "source"
-    if "all" in splits:
-        images, labels = splits.pop("all")
-        val_idx, test_idx, train_idx = data.stratified_split(labels, (d.val_fraction, d.test_fraction), d.split_seed)
-        for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
-            splits[split] = images[idx], labels[idx]
-        origin = f"stratified(seed={d.split_seed}, val={d.val_fraction}, test={d.test_fraction})"
-    elif "train" in splits and ("val" not in splits or "test" not in splits):
-        images, labels = splits["train"]
-        fracs = tuple(f for s, f in (("val", d.val_fraction), ("test", d.test_fraction)) if s not in splits)
-        parts = data.stratified_split(labels, fracs, d.split_seed)
-        missing = [s for s in ("val", "test") if s not in splits]
-        for split, idx in zip(missing, parts):
-            splits[split] = images[idx], labels[idx]
-        splits["train"] = images[parts[-1]], labels[parts[-1]]
-        origin = f"source train/{'/'.join(s for s in ('val', 'test') if s not in missing)} + " \
-                 f"stratified {'/'.join(missing)} (seed={d.split_seed})"
-    if d.max_train_per_class:
-        images, labels = splits["train"]
-        keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:d.max_train_per_class]
-                                       for c in range(len(source.classes))]))
-        splits["train"] = images[keep], labels[keep]
-    empty = [c for i, c in enumerate(source.classes) if not (splits["train"][1] == i).any()]
+    empty = [c for c, count in zip(source.classes, entries["train"]["class_counts"]) if not count]
     if empty:
         raise DataError(f"data.source={d.source!r}: class(es) {empty} have no readable training images")
 
@@ -89,9 +96,8 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     manifest = {
         "format": data.FORMAT, "source": d.source, "description": source.description,
         "classes": source.classes, "num_classes": len(source.classes), "stored_resolution": size,
-        "split_origin": origin,
-        "splits": {s: data.write_split(out, s, *splits[s], d.shard_size, len(source.classes))
-                   for s in data.SPLITS},
+        "encoding": d.encoding, **({"jpeg_quality": d.jpeg_quality} if d.encoding == "jpeg" else {}),
+        "split_origin": origin, "splits": entries,
         "skipped": {"count": len(skipped), "by_kind": dict(sorted(Counter(s["kind"] for s in skipped).items())),
                     "quarantine": data.QUARANTINE_DIR if skipped else None, "files": skipped},
         "wall_s": clock(),
@@ -101,3 +107,11 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
              manifest["num_classes"], *(manifest["splits"][s]["count"] for s in data.SPLITS), size,
              len(skipped), manifest["wall_s"])
     return manifest
+
+
+def _labels(part: Part) -> np.ndarray:
+    return part[1] if isinstance(part, tuple) else np.asarray([label for _, label in part], dtype=np.int64)
+
+
+def _take(part: Part, idx: np.ndarray) -> Part:
+    return (part[0][idx], part[1][idx]) if isinstance(part, tuple) else [part[i] for i in idx]

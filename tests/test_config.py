@@ -48,6 +48,11 @@ def test_preset_inherits_base():
     ("teacher.init=weights.pt", ["teacher.init", ".npz"]),
     ("distill.crop_min_area=0", ["distill.crop_min_area"]),
     ("novalue", ["KEY=VALUE"]),
+    ("data.encoding=png", ["data.encoding", "'png'", "raw or jpeg"]),
+    ("data.jpeg_quality=101", ["data.jpeg_quality", "[1, 100]"]),
+    ("runtime.jpeg_decode=gpu", ["runtime.jpeg_decode", "cpu, device"]),
+    ("runtime.loader_workers=-1", ["runtime.loader_workers", "0 (auto)"]),
+    ("runtime.compile_mode=fast", ["runtime.compile_mode", "reduce-overhead"]),
 ])
 def test_bad_overrides_name_key_value_and_expectation(item, words):
     with pytest.raises(ConfigError) as e:

@@ -69,9 +69,20 @@ def test_prepare_folder_splits_stratified_and_deterministic(tmp_path):
     m2 = prepare.run(cfg, tmp_path / "b")
     assert m1["splits"] == m2["splits"]  # same seed, same split, same bytes
     assert m1["skipped"]["count"] == 1 and m1["skipped"]["files"][0]["path"].endswith("broken.jpg")
-    assert [m1["splits"][s]["class_counts"] for s in ("val", "test")] == [[2, 2, 2], [2, 2, 2]]
+    counts = np.array([m1["splits"][s]["class_counts"] for s in data.SPLITS])
+    assert counts.sum(0).tolist() == [10, 10, 10]  # dog: 11 listed, 1 unreadable
+    assert counts[1:, [0, 2]].tolist() == [[2, 2], [2, 2]]  # 20 % each, per class
     images, labels = data.load_split(tmp_path / "a", "train")
-    assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8 and len(labels) == 18
+    assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8 and len(labels) == counts[0].sum()
+
+    # Splits are cut on the listing before decoding: the same file readable moves no other file.
+    _save(root / "dog" / "broken.jpg", _photo((24, 24), seed=99), "JPEG")
+    m3 = prepare.run(cfg, tmp_path / "c")
+    assert m3["skipped"]["count"] == 0
+    grew = [s for s in data.SPLITS if m3["splits"][s]["count"] == m1["splits"][s]["count"] + 1]
+    assert len(grew) == 1
+    for split in set(data.SPLITS) - set(grew):
+        assert np.array_equal(data.load_split(tmp_path / "a", split)[0], data.load_split(tmp_path / "c", split)[0])
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog", "fox"] and manifest["stored_resolution"] == 16
 

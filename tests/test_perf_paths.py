@@ -1,35 +1,89 @@
-"""Speed paths keep results: the streamed (host) data path equals the device-resident one; the
-benchmark command runs at tiny size on the CPU."""
+"""Speed paths keep results: the streamed data paths (raw or JPEG shards, decoded by worker processes
+or on the device) equal the device-resident one; the benchmark commands run at tiny size on the CPU."""
+import functools
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from funmatch import cli, config, data, distill
+from funmatch import augment, cli, config, data, distill, loader, prepare
+from funmatch.errors import DataError
 
 
-def test_sharded_gather_matches_loaded_split(tmp_path, tiny_cfg):
-    from funmatch import prepare
+@pytest.fixture(scope="module")
+def jpeg_dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("jpeg")
+    prepare.run(config.load("demo-tiny", ["data.encoding=jpeg", "data.shard_size=700"]), out)  # several shards
+    return out
 
-    cfg = config.load("demo-tiny", ["data.shard_size=700"])  # several shards
-    prepare.run(cfg, tmp_path / "ds")
-    images, _ = data.load_split(tmp_path / "ds", "train")
-    source = data.ShardedImages(tmp_path / "ds", "train")
+
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_sharded_gather_matches_loaded_split(tmp_path, encoding, jpeg_dataset):
+    if encoding == "raw":
+        prepare.run(config.load("demo-tiny", ["data.shard_size=700"]), tmp_path / "ds")
+    dataset = tmp_path / "ds" if encoding == "raw" else jpeg_dataset
+    images, _ = data.load_split(dataset, "train")
+    source = data.ShardedImages(dataset, "train")
+    assert source.encoding == encoding and len(source.counts) > 1
     idx = np.random.default_rng(0).permutation(len(images))[:300]
     assert len(source) == len(images) and np.array_equal(source.gather(idx), images[idx])
 
 
-def test_streamed_and_resident_batches_train_identically(tmp_path, dataset_dir, teacher_dir):
-    base = ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0"]
-    distill.run(config.load("demo-tiny", base), dataset_dir, teacher_dir, tmp_path / "resident")
-    streamed = config.load("demo-tiny", base + ["runtime.resident_max_gb=0"])
-    batches = distill.Batches(dataset_dir, torch.device("cpu"), 0.0)
-    assert batches.resident is None  # really the streaming path
-    idx = data.batch_indices(3, 64, batches.n, 0)
-    resident = distill.Batches(dataset_dir, torch.device("cpu"), 16.0)
-    assert torch.equal(batches.get(3, idx, 64, 0), resident.get(3, idx, 64, 0))
-    distill.run(streamed, dataset_dir, teacher_dir, tmp_path / "streamed")
+def test_jpeg_shards_are_smaller_and_close_to_raw(dataset_dir, jpeg_dataset):
+    raw_x, raw_y = data.load_split(dataset_dir, "train")
+    jpg_x, jpg_y = data.load_split(jpeg_dataset, "train")
+    assert np.array_equal(raw_y, jpg_y) and raw_x.shape == jpg_x.shape
+    err = np.abs(raw_x.astype(np.int16) - jpg_x.astype(np.int16))
+    assert err.mean() < 2.0  # quality 95 of upscaled 28-px greyscale images: ~1 grey level
+    manifest = data.read_manifest(jpeg_dataset)
+    stored = sum((jpeg_dataset / sh["images"]).stat().st_size for sh in manifest["splits"]["train"]["shards"])
+    assert manifest["encoding"] == "jpeg" and stored < raw_x.nbytes / 2
+
+
+def test_jpeg_shard_corruption_is_detected(tmp_path, jpeg_dataset):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(jpeg_dataset, copy)
+    shard = copy / data.read_manifest(copy)["splits"]["val"]["shards"][0]["images"]
+    shard.write_bytes(shard.read_bytes()[:-10] + bytes(10))
+    with pytest.raises(DataError, match="checksum mismatch"):
+        data.load_split(copy, "val")
+
+
+@pytest.mark.parametrize("setup,shard", [("funmatch", (0, 1)), ("funmatch", (1, 3)), ("consistent", (2, 3))])
+def test_streamed_loader_gives_the_resident_batches(jpeg_dataset, setup, shard):
+    """Worker processes decoding JPEG shards (or the device decoding their bytes) deliver, step by
+    step, the rows the resident path gathers — under DDP only the rows a rank's views use."""
+    rows = augment.shard_rows(64, setup, shard)
+    make = functools.partial(loader.Batches, jpeg_dataset, torch.device("cpu"), batch_size=64, seed=3, rows=rows)
+    resident = make(resident_max_gb=16.0)
+    streamed = make(resident_max_gb=0.0, workers=2)
+    on_device = make(resident_max_gb=0.0, workers=1, jpeg_decode="device")
+    assert resident.resident is not None and streamed.resident is None and on_device.decode_on_device
+    expected = list(resident.iterate(5, 9))
+    assert len(expected) == 4 and len(expected[0]) == len(rows)
+    for got in (list(streamed.iterate(5, 9)), list(on_device.iterate(5, 9))):
+        assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+def test_shard_rows_views_equal_global_batch_views(jpeg_dataset):
+    images = torch.from_numpy(data.load_split(jpeg_dataset, "train")[0][:16])
+    for shard in ((0, 2), (1, 2)):
+        rows = augment.shard_rows(16, "funmatch", shard)
+        views = [augment.distill_views(x, "funmatch", 32, 24, (0.08, 1.0), augment.step_generator(0, 7), shard=shard,
+                                       batch_size=16) for x in (images, images[rows])]
+        assert all(torch.equal(a, b) for a, b in zip(views[0][0] + [views[0][1]], views[1][0] + [views[1][1]]))
+
+
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_streamed_and_resident_batches_train_identically(tmp_path, dataset_dir, teacher_dir, jpeg_dataset, encoding):
+    dataset = dataset_dir if encoding == "raw" else jpeg_dataset
+    base = ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0", "runtime.loader_workers=2"]
+    distill.run(config.load("demo-tiny", base), dataset, teacher_dir, tmp_path / "resident")
+    distill.run(config.load("demo-tiny", base + ["runtime.resident_max_gb=0"]), dataset, teacher_dir, tmp_path / "streamed")
     a = load_file(str(tmp_path / "resident" / "member-0.safetensors"))
     b = load_file(str(tmp_path / "streamed" / "member-0.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -43,3 +97,32 @@ def test_bench_distill_prints_and_writes_figures(tmp_path, capsys):
     assert result["loop"]["img_per_s"] > 0 and result["naive_fp32"]["img_per_s"] > 0
     assert result["ratio_to_naive"] == round(result["loop"]["img_per_s"] / result["naive_fp32"]["img_per_s"], 3)
     assert result["gflop_per_img"] > 0 and "img/s" in capsys.readouterr().out
+
+
+def test_bench_loader_streams_a_synthetic_jpeg_dataset(tmp_path, capsys):
+    out = tmp_path / "loader.json"
+    assert cli.main(["bench", "loader", "--preset", "demo-tiny", "--images", "96", "--batch-size", "16",
+                     "--steps", "4", "--workers", "1,2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["encoding"] == "jpeg" and result["train_images"] == 96 and result["bytes_per_image"] > 0
+    assert [r["workers"] for r in result["runs"]] == [1, 2]
+    size = config.load("demo-tiny").data.stored_resolution
+    assert all(r["img_per_s"] > 0 and r["batch_shape"] == [16, size, size, 3] for r in result["runs"])
+    assert "per worker" in capsys.readouterr().out
+
+
+def test_natural_images_have_a_photographs_spectrum():
+    from funmatch.bench_loader import natural_images
+
+    x = natural_images(4, 64).astype(np.float64).mean(-1)
+    power = np.abs(np.fft.fft2(x - x.mean((1, 2), keepdims=True))) ** 2
+    low, high = power[:, 1:4, 1:4].mean(), power[:, 16:32, 16:32].mean()
+    assert low > 50 * high  # 1/f amplitude: power falls ~100× from f≈2 to f≈20 cycles
+
+
+def test_bench_distill_streams_jpeg_shards(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "distill", "--preset", "demo-tiny", "--steps", "3", "--no-compile-baseline",
+                     "--set", "data.encoding=jpeg", "--set", "runtime.resident_max_gb=0",
+                     "--set", "runtime.loader_workers=1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["loop"]["img_per_s"] > 0
