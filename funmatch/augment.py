@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from funmatch.runtime import to_device
+
 ASPECT_RANGE = (3 / 4, 4 / 3)
 ATTEMPTS = 10
 
@@ -62,7 +64,7 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     """Crops each NCHW float image to its box and resizes it to size×size, bilinear, no antialias
     (half-pixel centres, one sample per output pixel: roi_align with sampling_ratio=1, aligned)."""
     rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1)
-    return roi_align(images, rois.to(images.device, images.dtype), (size, size), spatial_scale=1.0,
+    return roi_align(images, to_device(rois.to(images.dtype), images.device), (size, size), spatial_scale=1.0,
                      sampling_ratio=1, aligned=True)
 
 
@@ -77,7 +79,7 @@ def value_range(x: torch.Tensor) -> torch.Tensor:
 
 
 def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(-1), x)
+    return torch.where(to_device(mask, x.device)[:, None, None, None], x.flip(-1), x)
 
 
 def mixup_coefficient(generator: torch.Generator) -> float:
@@ -126,7 +128,7 @@ def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int | Sequen
         t_flips = torch.rand(n, generator=generator) < 0.5
     # Mixup pairs image i with i-1 of the global batch: the rows hold the neighbour of the slice's first image too.
     sharded_mixup = setup == "funmatch" and shard[1] > 1
-    x = to_float_nchw(images_u8 if len(images_u8) < n or shard[1] == 1 else images_u8[rows.to(images_u8.device)])
+    x = to_float_nchw(images_u8 if len(images_u8) < n or shard[1] == 1 else images_u8[to_device(rows, images_u8.device)])
     if len(x) != len(rows):
         raise ValueError(f"distill_views got {len(x)} images; expected the global batch ({n}) or its {len(rows)} shard rows")
 

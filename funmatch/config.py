@@ -24,7 +24,8 @@ SETUPS = ("fixed", "independent", "consistent", "funmatch")
 NOT_HASHED = {"distill.log_every", "distill.eval_every", "distill.checkpoint_every_steps",
               "distill.checkpoint_every_minutes", "distill.keep_checkpoints", "distill.num_nodes",
               "runtime.device", "runtime.num_threads", "runtime.checkpoint_dir", "runtime.resident_max_gb",
-              "runtime.allow_config_change", "runtime.loader_workers", "runtime.jpeg_decode"}
+              "runtime.allow_config_change", "runtime.loader_workers", "runtime.jpeg_decode",
+              "runtime.sync_debug", "runtime.compile_cache"}
 NAMED_DATASETS = ("flowers102", "pets", "food101", "sun397", "imagenet")
 OPTIMIZERS = ("adam", "shampoo")
 STEM_POOLS = ("zero_pad", "neg_inf_pad")
@@ -157,11 +158,15 @@ class RuntimeConfig:
     # torch.compile mode: default | reduce-overhead (CUDA graphs: the step's shapes are static) | max-autotune
     # | max-autotune-no-cudagraphs
     compile_mode: str = "default"
+    # where torch.compile's artifacts persist (a path or gs:// prefix), so a retry or resume on a fresh node
+    # skips recompiling; empty: <checkpoint dir>/compile-cache when distill has a checkpoint dir
+    compile_cache: str = ""
     checkpoint_dir: str = ""  # durable checkpoint location (path or gs://); empty: none
     allow_config_change: bool = False  # resume from checkpoints made with another config hash
     resident_max_gb: float = 16.0  # train splits up to this size live on the device as uint8; larger ones stream
     loader_workers: int = 0  # streamed data: decode processes; 0: one per CPU but one (at most 32)
     jpeg_decode: str = "cpu"  # streamed jpeg data: cpu (libjpeg-turbo in the workers) | device (nvJPEG on the GPU)
+    sync_debug: bool = False  # CUDA: warn (with the line) at every host-GPU synchronisation in distill's timed steps
 
 
 @dataclass

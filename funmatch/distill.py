@@ -103,7 +103,10 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     views_of = sorted(set(t_res))
     student_res = [r for _, r in specs]
 
-    # The teacher forward is 80-90 % of a step's compute: compiled too when runtime.compile is set.
+    # The teacher forward is 80-90 % of a step's compute: compiled too when runtime.compile is set. The
+    # compiled artifacts persist next to the checkpoints: a retry on a fresh node does not recompile.
+    compile_cache = _compile_cache_uri(cfg, checkpoint_dir, device)
+    cache_loaded = bool(compile_cache) and _load_compile_cache(compile_cache)
     teacher_fwd = [torch.compile(t, mode=cfg.runtime.compile_mode) for t in teachers] if cfg.runtime.compile else teachers
 
     def teach(views: list[torch.Tensor]) -> torch.Tensor:
@@ -143,14 +146,18 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
             t_in, s_in = augment.distill_views(images, k.setup, views_of, student_res,
                                                (k.crop_min_area, k.crop_max_area), g, shard=(rank, world),
                                                batch_size=k.batch_size)
+            if step == start + 1 and compile_cache and not cache_loaded and rank == 0:
+                _save_compile_cache(compile_cache)  # the first step compiled every graph
             if step == timed_from:
                 _sync(device)
                 timer = time.perf_counter()
+                if cfg.runtime.sync_debug and device.type == "cuda":  # the step should never wait on the GPU
+                    torch.cuda.set_sync_debug_mode("warn")
             if fmt is torch.channels_last:
                 s_in = [x.contiguous(memory_format=fmt) for x in s_in]
                 t_in = t_in and [t.contiguous(memory_format=fmt) for t in t_in]
             if fixed_logits is not None:
-                target = fixed_logits[data.batch_indices(step, k.batch_size, n, seed)[local].to(device)]
+                target = fixed_logits[runtime.to_device(data.batch_indices(step, k.batch_size, n, seed)[local], device)]
             else:
                 target = teach(t_in)
             lr_now = k.lr * optim.warmup_cosine(step, k.warmup_steps, steps)
@@ -178,6 +185,8 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
                 sys.exit(PREEMPTED_EXIT)
     if board:
         board.close()
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("default")
     _sync(device)
     measured = {"img_per_s": round((steps - timed_from) * k.batch_size / (time.perf_counter() - timer), 1)
                 if steps > timed_from else None,
@@ -283,6 +292,40 @@ def _learner(cfg: Config, arch: str, res: int, num_classes: int, device, fmt, wo
                              every_minutes=k.checkpoint_every_minutes,
                              allow_config_change=allow_config_change) if checkpoint_dir else None
     return Learner(arch, res, model, opt, forward, ckpt, resume_step)
+
+
+def _compile_cache_uri(cfg: Config, checkpoint_dir: str, device: torch.device) -> str:
+    """The compile cache file for this torch and device ('' without runtime.compile or a place to keep it)."""
+    root = cfg.runtime.compile_cache or (storage.join(checkpoint_dir, "compile-cache") if checkpoint_dir else "")
+    if not (cfg.runtime.compile and root):
+        return ""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return storage.join(root, "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{torch.__version__}-{name}.bin"))
+
+
+def _load_compile_cache(uri: str) -> bool:
+    if not storage.exists(uri):
+        return False
+    try:
+        info = torch.compiler.load_cache_artifacts(storage.read_bytes(uri))
+    except Exception as e:  # a speed-up only: a bad cache file costs a recompile, not the run
+        log.warning("compile cache %s not loaded (%s: %s); compiling afresh", uri, type(e).__name__, e)
+        return False
+    log.info("compile cache: %d inductor, %d autograd artifacts loaded from %s", len(info.inductor_artifacts) if info else 0,
+             len(info.aot_autograd_artifacts) if info else 0, uri)
+    return True
+
+
+def _save_compile_cache(uri: str) -> None:
+    saved = torch.compiler.save_cache_artifacts()
+    if not saved:
+        return
+    try:
+        storage.write_bytes(uri, saved[0])
+    except (OSError, storage.StorageError) as e:
+        log.warning("compile cache not saved to %s (%s: %s)", uri, type(e).__name__, e)
+        return
+    log.info("compile cache: %d bytes saved to %s", len(saved[0]), uri)
 
 
 def _sync(device: torch.device) -> None:

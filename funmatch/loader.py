@@ -2,7 +2,7 @@
 
 Resident: a train split up to `runtime.resident_max_gb` (decoded) is held on the device; a batch is one
 gather there. Streamed: a larger split is read from its memory-mapped shards by DataLoader worker
-processes, each building whole batches (raw shards: a copy; jpeg shards: libjpeg-turbo decode) several
+processes, each building whole batches (raw shards: a copy; jpeg shards: libjpeg-turbo decode) a few
 steps ahead, in pinned memory, copied to the device without blocking. With `runtime.jpeg_decode=device`
 the workers only read the JPEG bytes and the device decodes the batch (nvJPEG on a GPU).
 
@@ -11,6 +11,7 @@ Under DDP each rank builds only the rows its views use (`augment.shard_rows`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -20,16 +21,30 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from funmatch import data
+from funmatch import data, runtime
+
+log = logging.getLogger("funmatch.loader")
 
 MAX_AUTO_WORKERS = 32
+PREFETCH = 2  # batches queued per worker
+SHM = "/dev/shm"  # DataLoader hands every batch over through shared memory
 
 
-def auto_workers(requested: int) -> int:
-    """`runtime.loader_workers`: 0 means this process's share of the CPUs it may run on (torchrun's
-    processes on one node share them) less one for the training loop, at least 1, at most 32."""
-    share = len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return requested or max(1, min(MAX_AUTO_WORKERS, share - 1))
+def plan_workers(requested: int, batch_bytes: int) -> int:
+    """Worker processes for the streamed loader: `runtime.loader_workers`, or (0) this process's share
+    of the CPUs it may run on, less one for the training loop, at most 32 — and never more batches in
+    flight (workers × PREFETCH) than half of /dev/shm's free space holds. torchrun's processes on one
+    node share both."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = requested or max(1, min(MAX_AUTO_WORKERS, len(os.sched_getaffinity(0)) // local - 1))
+    if os.path.isdir(SHM):
+        shm = os.statvfs(SHM)
+        fits = int(shm.f_bavail * shm.f_frsize / 2 / local // (batch_bytes * PREFETCH))
+        if fits < workers:
+            log.warning("loader: %d worker(s) instead of %d: %s has room for %d batches of %.0f MB in flight "
+                        "(raise the pod's shm size)", max(1, fits), workers, SHM, fits * PREFETCH, batch_bytes / 1e6)
+            workers = max(1, fits)
+    return workers
 
 
 def _ignore_sigterm(worker_id: int) -> None:
@@ -75,7 +90,7 @@ class Batches:
         self.device, self.batch_size, self.seed, self.rows = device, batch_size, seed, rows
         self.source = data.ShardedImages(dataset_dir, "train")
         self.n = len(self.source)
-        self.workers = auto_workers(workers)
+        self.workers = plan_workers(workers, len(rows) * int(np.prod(self.source.image_shape)))
         self.decode_on_device = jpeg_decode == "device" and self.source.encoding == "jpeg"
         self.resident = None
         if self.source.nbytes <= resident_max_gb * 2**30:
@@ -86,12 +101,12 @@ class Batches:
         if self.resident is not None:
             for step in range(start, steps):
                 idx = data.batch_indices(step, self.batch_size, self.n, self.seed)[self.rows]
-                yield self.resident[idx.to(self.device)]
+                yield self.resident[runtime.to_device(idx, self.device)]
             return
         batches = StepBatches(self.source, self.batch_size, self.seed, self.rows, encoded=self.decode_on_device)
         loader = DataLoader(batches, sampler=range(start, steps), batch_size=None, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda" and not self.decode_on_device,
-                            prefetch_factor=4, worker_init_fn=_ignore_sigterm)
+                            prefetch_factor=PREFETCH, worker_init_fn=_ignore_sigterm)
         for batch in loader:
             if self.decode_on_device:
                 yield decode_packed(batch, self.device)

@@ -47,6 +47,15 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host → device without making the host wait for the GPU: through pinned memory, non-blocking. (A
+    plain `.to("cuda")` of a pageable tensor synchronizes the stream: the host would stop queueing the
+    next step's kernels until the GPU has drained.)"""
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Stopwatch:
     def __init__(self) -> None:
         self.start = time.perf_counter()

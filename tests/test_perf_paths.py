@@ -1,6 +1,8 @@
 """Speed paths keep results: the streamed data paths (raw or JPEG shards, decoded by worker processes
 or on the device) equal the device-resident one; the benchmark commands run at tiny size on the CPU."""
 import functools
+import os
+import re
 import json
 
 import numpy as np
@@ -126,3 +128,46 @@ def test_bench_distill_streams_jpeg_shards(tmp_path):
                      "--set", "data.encoding=jpeg", "--set", "runtime.resident_max_gb=0",
                      "--set", "runtime.loader_workers=1", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["loop"]["img_per_s"] > 0
+
+
+def test_compile_cache_persists_across_processes(tmp_path, dataset_dir, teacher_dir):
+    """A retry on a fresh node (empty local inductor cache) loads the compiled graphs saved by the first
+    attempt next to its checkpoints, and trains to the same weights."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from funmatch import config, distill; "
+            "cfg = config.load('demo-tiny', ['distill.epochs=0.03', 'distill.warmup_steps=1', 'distill.eval_every=0', "
+            "'runtime.compile=true']); distill.run(cfg, sys.argv[1], sys.argv[2], sys.argv[3], checkpoint_dir=sys.argv[4])")
+    logs = []
+    for attempt in ("a", "b"):
+        env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{attempt}")}
+        done = subprocess.run([sys.executable, "-c", code, str(dataset_dir), str(teacher_dir), str(tmp_path / attempt),
+                               str(tmp_path / f"ckpt-{attempt}")], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        logs.append(done.stderr)
+        if attempt == "a":  # the second attempt resumes nothing but shares the cache (as a retry would)
+            (tmp_path / "ckpt-b").mkdir()
+            cache = next((tmp_path / "ckpt-a" / "compile-cache").iterdir())
+            (tmp_path / "ckpt-b" / "compile-cache").mkdir()
+            cache.rename(tmp_path / "ckpt-b" / "compile-cache" / cache.name)
+    assert "bytes saved to" in logs[0] and "loaded from" not in logs[0]
+    loaded = re.search(r"compile cache: (\d+) inductor, \d+ autograd artifacts loaded", logs[1])
+    assert loaded and int(loaded.group(1)) > 0 and "bytes saved" not in logs[1]
+    a = load_file(str(tmp_path / "a" / "member-0.safetensors"))
+    b = load_file(str(tmp_path / "b" / "member-0.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loader_workers_fit_cpus_and_shared_memory(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(loader, "SHM", str(tmp_path))
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    assert loader.plan_workers(3, 1000) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert loader.plan_workers(0, 1000) == 15  # one CPU left for the training loop
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader.plan_workers(0, 1000) == 3  # 4 torchrun processes share 16 CPUs
+    # batches so large that half the free shared memory holds only 2 per process: 1 worker × 2 in flight
+    assert loader.plan_workers(0, free // 2 // 4 // 2) == 1
+    assert "raise the pod's shm size" in caplog.text

@@ -22,6 +22,9 @@ bench)
     --set distill.extra_students=bit-r50x1@128 --json "$out/bench128-k2.json" 2>&1 | tail -n 7
   fm 120 bench distill --preset flowers102-fast --set runtime.compile=true --set runtime.compile_mode=reduce-overhead \
     --steps 30 --no-compile-baseline --json "$out/bench128-graphs.json" 2>&1 | tail -n 7
+  # which lines of the step make the host wait on the GPU (expected: only the log step's loss read-back)
+  fm 90 bench distill --preset flowers102-fast --set distill.batch_size=128 --set runtime.sync_debug=true --steps 5 \
+    --no-compile-baseline 2>&1 | grep -B1 -A2 -i "synchroniz" | head -n 24
   # 384 -> 224, BiT-R152x2 -> BiT-R50 (ImageNet headline setting), batch 256
   fm 200 bench distill --preset imagenet-t384-s224 --set distill.batch_size=256 --set runtime.compile=true --steps 15 \
     --json "$out/bench384.json" 2>&1 | tail -n 7
