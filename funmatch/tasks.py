@@ -48,7 +48,7 @@ def prepare_data(config_json: str, parameters: dict[str, Any], dataset) -> str:
     cfg = resolve_config(config_json, parameters)
     manifest = prepare.run(cfg, dataset.path)
     dataset.metadata.update({"classes": manifest["num_classes"], "stored_resolution": manifest["stored_resolution"],
-                             "skipped": manifest["skipped"]["count"], "wall_s": manifest["wall_s"],
+                             "encoding": manifest["encoding"], "skipped": manifest["skipped"]["count"], "wall_s": manifest["wall_s"],
                              **{f"{s}_count": manifest["splits"][s]["count"] for s in manifest["splits"]}})
     return cfg.to_json()
 
