@@ -1,5 +1,6 @@
-"""The fault test in CI: distill (CPU, demo-tiny, 13 steps) killed with SIGKILL and SIGTERM at seeded
-random steps, restarted from its checkpoints, must end with bit-identical weights and lose nothing."""
+"""The fault test in CI: distill (CPU, demo-tiny, 13 steps; data resident or streamed by loader
+workers) killed with SIGKILL and SIGTERM at seeded random steps, restarted from its checkpoints, must
+end with bit-identical weights and lose nothing."""
 import json
 
 import pytest
@@ -14,9 +15,12 @@ KILLS = 3  # per signal; `funmatch fault-test` defaults to 5 (docs/reliability.m
 FAST = ["distill.epochs=0.1", "distill.eval_every=0"]  # 13 steps, no val pass at each worker start
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory, dataset_dir, teacher_dir):
-    return faults.fault_test("demo-tiny", FAST, kills=KILLS, signals=("KILL", "TERM"), seed=0,
+@pytest.fixture(scope="module", params=["resident", "streamed"])
+def report(request, tmp_path_factory, dataset_dir, teacher_dir):
+    """The split resident, or streamed by DataLoader worker processes (killed with the trainer, or left
+    to finish by a SIGTERM that the trainer alone handles)."""
+    data_path = [] if request.param == "resident" else ["runtime.resident_max_gb=0", "runtime.loader_workers=1"]
+    return faults.fault_test("demo-tiny", FAST + data_path, kills=KILLS, signals=("KILL", "TERM"), seed=0,
                              workdir=tmp_path_factory.mktemp("faults"), dataset_dir=dataset_dir,
                              teacher_dir=teacher_dir, worker_timeout_s=170)
 
