@@ -375,7 +375,8 @@ def fetch(uri: str, cache_dir: str | Path) -> str:
 
 
 def _local_write(target: Path, fill, if_generation_match: int | None) -> None:
-    """Atomic local write: `fill(file)` into a temp file, fsync, then rename (or hard-link for create-only)."""
+    """Atomic local write: `fill(file)` into a temp file, fsync, then rename (or hard-link for create-only),
+    then fsync the directory."""
     if if_generation_match not in (None, 0):
         raise StorageError(f"if_generation_match={if_generation_match} on local path {target}: only 0 "
                            "(create if absent) works outside gs://")
@@ -397,6 +398,15 @@ def _local_write(target: Path, fill, if_generation_match: int | None) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(target.parent)  # the rename itself survives a power loss
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes(uri: str, data: bytes, *, if_generation_match: int | None = None) -> int | None:
