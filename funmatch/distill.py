@@ -106,6 +106,8 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     # The teacher forward is 80-90 % of a step's compute: compiled too when runtime.compile is set. The
     # compiled artifacts persist next to the checkpoints: a retry on a fresh node does not recompile.
     compile_cache = _compile_cache_uri(cfg, checkpoint_dir, device)
+    cudagraphs = cfg.runtime.compile and device.type == "cuda" and cfg.runtime.compile_mode in ("reduce-overhead",
+                                                                                                 "max-autotune")
     cache_loaded = bool(compile_cache) and _load_compile_cache(compile_cache)
     teacher_fwd = [torch.compile(t, mode=cfg.runtime.compile_mode) for t in teachers] if cfg.runtime.compile else teachers
 
@@ -142,6 +144,8 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     timer = 0.0
     with _Preemption() as preemption:
         for step, images in zip(range(start, steps), batches.iterate(start, steps)):
+            if cudagraphs:  # several compiled graphs run per step: tell CUDA graph trees where a step begins
+                torch.compiler.cudagraph_mark_step_begin()
             g = augment.step_generator(seed, step)
             t_in, s_in = augment.distill_views(images, k.setup, views_of, student_res,
                                                (k.crop_min_area, k.crop_max_area), g, shard=(rank, world),
