@@ -114,6 +114,7 @@ class EvalConfig:
     batch_size: int = 256
     crop_pct: float = 0.8  # resize short side to res/crop_pct, centre crop res (128: 160→128)
     minitrain_size: int = 512  # big_vision minitrain: train[:512] (small datasets), train[:2%] (ImageNet)
+    on_gpu: bool = False  # run the evaluate stage on the GPU pool (one GPU): ImageNet-size splits, big teachers
 
 
 @dataclass

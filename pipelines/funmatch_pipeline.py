@@ -30,7 +30,7 @@ def build(cfg: Config):
     cpu_image, cuda_image = image("cpu", r.image), image("cuda", r.image)
 
     def on_gpu_pool(task: dsl.PipelineTask, accelerator_type, accelerator_count, launcher: bool = False
-                    ) -> dsl.PipelineTask:
+                    ) -> dsl.PipelineTask:  # accelerator_count: a pipeline parameter, or 1
         """GPU pool settings; `launcher`: the task only starts a multi-node TrainJob, so no GPUs for it."""
         task.set_container_image(cuda_image)
         kubernetes.set_timeout(task, int(r.timeout_hours * 3600))
@@ -57,6 +57,8 @@ def build(cfg: Config):
                     launcher=k.num_nodes > 1)
         report = evaluate(config=config, dataset=dataset, teacher=teacher, student=student.outputs["student"])
         report.set_display_name("evaluate").set_container_image(cpu_image)
+        if cfg.eval.on_gpu:  # one GPU of the pool: teacher and student over the whole test set
+            on_gpu_pool(report, accelerator_type, 1)
         with dsl.If(report.outputs["gate_passed"] == True, name="quality-gate-passed"):  # noqa: E712
             exported = export(config=config, dataset=dataset, teacher=teacher, student=student.outputs["student"],
                               report=report.outputs["report"], publish_uri=publish_uri)
