@@ -597,27 +597,35 @@ class ShardedImages:
         return out
 
 
-def load_split(dataset_dir: str | Path, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(images N×S×S×3 uint8, labels N int64) of one split; shard checksums verified."""
+def load_split(dataset_dir: str | Path, split: str, verify: bool = True, limit: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(images N×S×S×3 uint8, labels N int64) of one split, or of its first `limit` images (only the
+    shards holding them are read: ImageNet's minitrain is 2 % of train); shard checksums verified."""
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     if split not in manifest["splits"]:
         raise DataError(f"{dataset_dir} has no split {split!r} (has {', '.join(manifest['splits'])})")
     shards = manifest["splits"][split]["shards"]
+    if limit is not None:
+        ends = np.cumsum([sh["count"] for sh in shards])
+        shards = shards[:int(np.searchsorted(ends, limit)) + 1] if limit > 0 else []
     if verify:
         for shard in shards:
             for kind in ("images", "labels", "offsets"):
                 path = dataset_dir / shard[kind] if kind in shard else None
                 if path and sha256_file(path) != shard[f"{kind}_sha256"]:
                     raise DataError(f"{path}: checksum mismatch, the dataset artifact is corrupt")
+    size = manifest["stored_resolution"]
+    if not shards:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)
     labels = np.concatenate([np.load(dataset_dir / sh["labels"], allow_pickle=False) for sh in shards])
     source = ShardedImages(dataset_dir, split)
     if source.encoding == "raw":
         images = np.concatenate([np.load(dataset_dir / sh["images"], allow_pickle=False) for sh in shards])
     else:
         images = np.concatenate([source.gather(np.arange(start, start + count))
-                                 for start, count in zip(source.starts[:-1], source.counts)])
-    return images, labels
+                                 for start, count, _ in zip(source.starts[:-1], source.counts, shards)])
+    return (images, labels) if limit is None else (images[:limit], labels[:limit])
 
 
 def decode_files(pairs: list[tuple[str, int]], size: int, max_pixels: int,

@@ -119,9 +119,8 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
     metrics: dict[str, float] = {}
     confusion = None
     for split in ("minitrain", "val", "test"):
-        images, labels = data.load_split(dataset_dir, "train" if split == "minitrain" else split)
-        if split == "minitrain":
-            images, labels = images[:cfg.eval.minitrain_size], labels[:cfg.eval.minitrain_size]
+        images, labels = data.load_split(dataset_dir, "train" if split == "minitrain" else split,
+                                         limit=cfg.eval.minitrain_size if split == "minitrain" else None)
         if len(labels) == 0:
             continue
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
