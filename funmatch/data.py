@@ -628,6 +628,21 @@ def load_split(dataset_dir: str | Path, split: str, verify: bool = True, limit: 
     return (images, labels) if limit is None else (images[:limit], labels[:limit])
 
 
+def load_labels(dataset_dir: str | Path, split: str) -> np.ndarray:
+    """The int64 labels of one split (checksums verified), without its images."""
+    dataset_dir = Path(dataset_dir)
+    split_entry = read_manifest(dataset_dir)["splits"].get(split)
+    if split_entry is None:
+        raise DataError(f"{dataset_dir} has no split {split!r}")
+    out = []
+    for shard in split_entry["shards"]:
+        path = dataset_dir / shard["labels"]
+        if sha256_file(path) != shard["labels_sha256"]:
+            raise DataError(f"{path}: checksum mismatch, the dataset artifact is corrupt")
+        out.append(np.load(path, allow_pickle=False))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
 def decode_files(pairs: list[tuple[str, int]], size: int, max_pixels: int,
                  progress: Callable[[int], None] | None = None, workers: int = 0
                  ) -> tuple[np.ndarray, np.ndarray, list[dict]]:

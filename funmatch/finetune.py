@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from funmatch import augment, data, models, optim, runtime, storage
+from funmatch import augment, data, loader, models, optim, runtime, storage
 from funmatch import config
 from funmatch.config import Config, split_uris
 from funmatch.evaluate import predict
@@ -51,9 +51,11 @@ def run(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict:
     device = runtime.setup(cfg.runtime)
     t, f = cfg.teacher, cfg.finetune
     manifest = data.read_manifest(dataset_dir)
-    images, labels = data.load_split(dataset_dir, "train")
-    images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
-    n = len(images)
+    # The train split resident on the device, or streamed by decode workers (as in distill).
+    batches = loader.Batches(dataset_dir, device, cfg.runtime.resident_max_gb, f.batch_size, cfg.runtime.seed,
+                             torch.arange(f.batch_size), cfg.runtime.loader_workers, cfg.runtime.jpeg_decode)
+    labels = torch.from_numpy(data.load_labels(dataset_dir, "train")).to(device)
+    n = batches.n
 
     # Model: pretrained body (if any) + a fresh zero head for these classes.
     model = models.create_model(t.arch, manifest["num_classes"], stem_pool=t.stem_pool, zero_head=True,
@@ -73,10 +75,10 @@ def run(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict:
     model.train()
     running = torch.zeros((), device=device)
     bar = tqdm(range(steps), desc="teacher", unit="step", mininterval=2)
-    for step in bar:
+    for step, images in zip(bar, batches.iterate(0, steps)):
         g = augment.step_generator(cfg.runtime.seed, step, stream=1)
-        idx = data.batch_indices(step, f.batch_size, n, cfg.runtime.seed).to(device)
-        x = augment.finetune_view(images[idx], t.resolution, cfg.eval.crop_pct, g)
+        idx = runtime.to_device(data.batch_indices(step, f.batch_size, n, cfg.runtime.seed), device)
+        x = augment.finetune_view(images, t.resolution, cfg.eval.crop_pct, g)
         target = F.one_hot(labels[idx], manifest["num_classes"]).float()
         lam = augment.batch_mixup_lambda(alpha, g)
         if lam < 1.0:

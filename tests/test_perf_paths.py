@@ -183,3 +183,13 @@ def test_load_split_limit_reads_only_the_shards_it_needs(jpeg_dataset, limit, mo
     assert np.array_equal(x, full_x[:limit]) and np.array_equal(y, full_y[:limit])
     shards_needed = min(-(-limit // 700), len(data.read_manifest(jpeg_dataset)["splits"]["train"]["shards"]))
     assert len({p.rsplit("-", 1)[0] for p in read}) == shards_needed
+
+
+def test_teacher_finetune_streams_like_resident(tmp_path, jpeg_dataset):
+    from funmatch import finetune
+
+    for name, extra in (("resident", []), ("streamed", ["runtime.resident_max_gb=0", "runtime.loader_workers=1"])):
+        finetune.run(config.load("demo-tiny", ["finetune.steps=6"] + extra), jpeg_dataset, tmp_path / name)
+    a = load_file(str(tmp_path / "resident" / "member-0.safetensors"))
+    b = load_file(str(tmp_path / "streamed" / "member-0.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
