@@ -19,6 +19,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -118,9 +119,10 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
 
     # `fixed`: the teacher's targets once per image, on the central crop, reused every step.
     fixed_logits = None
-    if k.setup == "fixed":
-        fixed_logits = predict(teachers, torch.from_numpy(data.load_split(dataset_dir, "train")[0]), t_res,
-                               cfg.eval, device).to(device)
+    if k.setup == "fixed":  # shard by shard: the split need not fit in memory
+        train = data.ShardedImages(dataset_dir, "train")
+        fixed_logits = torch.cat([predict(teachers, torch.from_numpy(train.gather(np.arange(a, a + c))), t_res, cfg.eval,
+                                          device) for a, c in zip(train.starts[:-1], train.counts)]).to(device)
 
     # Validation set for curves during training (teacher logits computed once).
     val_eval = None
