@@ -46,24 +46,11 @@ def calibration_images(dataset_dir: str | Path, n: int, split: str = "train", se
     Reads only the chosen images from memory-mapped shards, so it stays cheap on an ImageNet-sized
     artifact (whose train split need not be shuffled: folder sources are stored class by class).
     """
-    dataset_dir = Path(dataset_dir)
-    manifest = data.read_manifest(dataset_dir)
-    if split not in manifest["splits"]:
-        raise DataError(f"{dataset_dir} has no split {split!r} (has {', '.join(manifest['splits'])})")
-    shards = manifest["splits"][split]["shards"]
-    total = sum(s["count"] for s in shards)
-    if total == 0:
+    source = data.ShardedImages(dataset_dir, split)  # raw or JPEG shards
+    if len(source) == 0:
         raise DataError(f"{dataset_dir}: split {split!r} is empty, nothing to calibrate the INT8 model on")
-    picks = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
-    out, start = [], 0
-    for shard in shards:
-        stop = start + shard["count"]
-        local = picks[(picks >= start) & (picks < stop)] - start
-        if len(local):
-            images = np.load(dataset_dir / shard["images"], mmap_mode="r", allow_pickle=False)
-            out.append(np.asarray(images[local]))
-        start = stop
-    return np.concatenate(out)
+    picks = np.sort(np.random.default_rng(seed).choice(len(source), size=min(n, len(source)), replace=False))
+    return source.gather(picks)
 
 
 def eval_batches(images_u8: np.ndarray, res: int, crop_pct: float, batch_size: int):

@@ -193,3 +193,12 @@ def test_teacher_finetune_streams_like_resident(tmp_path, jpeg_dataset):
     a = load_file(str(tmp_path / "resident" / "member-0.safetensors"))
     b = load_file(str(tmp_path / "streamed" / "member-0.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_int8_calibration_reads_jpeg_shards(jpeg_dataset):
+    from funmatch import quantize
+
+    images = quantize.calibration_images(jpeg_dataset, 40)
+    full, _ = data.load_split(jpeg_dataset, "train")
+    picks = np.sort(np.random.default_rng(quantize.CALIBRATION_SEED).choice(len(full), 40, replace=False))
+    assert np.array_equal(images, full[picks])
