@@ -90,12 +90,13 @@ class Batches:
         self.device, self.batch_size, self.seed, self.rows = device, batch_size, seed, rows
         self.source = data.ShardedImages(dataset_dir, "train")
         self.n = len(self.source)
-        self.workers = plan_workers(workers, len(rows) * int(np.prod(self.source.image_shape)))
         self.decode_on_device = jpeg_decode == "device" and self.source.encoding == "jpeg"
-        self.resident = None
+        self.resident, self.workers = None, 0
         if self.source.nbytes <= resident_max_gb * 2**30:
             images, _ = data.load_split(dataset_dir, "train")  # checksums verified
             self.resident = torch.from_numpy(images).to(device)
+        else:
+            self.workers = plan_workers(workers, len(rows) * int(np.prod(self.source.image_shape)))
 
     def iterate(self, start: int, steps: int) -> Iterator[torch.Tensor]:
         if self.resident is not None:
