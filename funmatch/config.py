@@ -165,7 +165,7 @@ class RuntimeConfig:
     checkpoint_dir: str = ""  # durable checkpoint location (path or gs://); empty: none
     allow_config_change: bool = False  # resume from checkpoints made with another config hash
     resident_max_gb: float = 16.0  # train splits up to this size live on the device as uint8; larger ones stream
-    loader_workers: int = 0  # streamed data: decode processes; 0: one per CPU but one (at most 32)
+    loader_workers: int = 0  # streamed data: decode processes; 0: this process's CPUs less one (funmatch/loader.py)
     jpeg_decode: str = "cpu"  # streamed jpeg data: cpu (libjpeg-turbo in the workers) | device (nvJPEG on the GPU)
     sync_debug: bool = False  # CUDA: warn (with the line) at every host-GPU synchronisation in distill's timed steps
 

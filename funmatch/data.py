@@ -4,8 +4,9 @@ The artifact is a directory: `manifest.json` (classes, split sizes, source, stor
 shard checksums, skipped files) and per split shards of images and int64 labels. Images are stored
 `raw` (`.npy` uint8 N×S×S×3, RGB: small datasets, loaded whole onto the GPU) or `jpeg` (the images
 JPEG-encoded back to back plus byte offsets: ImageNet-size datasets, streamed and decoded in parallel
-by the trainer's loader). `.npy` loads without pickle and memory-maps. Files that cannot be decoded are copied, bytes unchanged, into
-`quarantine/` (their path below the source root) and listed with their reason in `skipped`.
+by the trainer's loader). `.npy` loads without pickle and memory-maps. Files that cannot be decoded
+are copied, bytes unchanged, into `quarantine/` (their path below the source root) and listed with
+their reason in `skipped`.
 
 A source may also be a `.tar`, `.tar.gz`/`.tgz` or `.zip` archive (local or gs://) holding the
 ImageFolder tree; it is extracted after every member has been checked (no absolute paths, no `..`,
@@ -438,7 +439,7 @@ def sha256_file(path: str | Path) -> str:
 class SplitWriter:
     """Writes one split's shards as images arrive, `shard_size` at a time (memory stays bounded by
     one shard). `raw`: `.npy` uint8 N×S×S×3; `jpeg`: the images JPEG-encoded back to back in a
-    `.jpegs` file with an `.npy` of N+1 byte offsets (~6× smaller: ImageNet streams from shards)."""
+    `.jpegs` file with an `.npy` of N+1 byte offsets (3–7× smaller: ImageNet streams from shards)."""
 
     def __init__(self, out_dir: str | Path, split: str, shard_size: int, num_classes: int,
                  encoding: str = "raw", jpeg_quality: int = 95) -> None:
