@@ -72,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     ft.add_argument("--workdir", metavar="DIR", help="keep runs, checkpoints and worker logs here (default: a "
                                                      "temporary directory, removed afterwards)")
 
-    bench = sub.add_parser("bench", help="measure on this machine (bench onnx: CPU latency of torch, ORT fp32, ORT INT8)")
+    bench = sub.add_parser("bench", help="measure on this machine: distill (the loop vs baselines), loader (streaming img/s), onnx (CPU latency)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     onnx = bench_sub.add_parser(
         "onnx", help="batch-1 / batch-32 CPU latency: torch eager, onnxruntime fp32 and INT8 (static QDQ)",
