@@ -9,6 +9,6 @@ from components import image
 def distill(config: str, dataset: Input[Dataset], teacher: Input[Model], checkpoint_root: str,
             accelerator: str, num_accelerators: int, student: Output[Model]):
     """Distils the teacher into the student; resumes from checkpoint_root after a preemption."""
-    from funmatch import tasks
+    from funmatch.launch import tasks
 
     tasks.distill(config, dataset, teacher, checkpoint_root, accelerator, num_accelerators, student)

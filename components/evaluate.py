@@ -13,6 +13,6 @@ def evaluate(config: str, dataset: Input[Dataset], teacher: Input[Model], studen
              report: Output[Artifact], curves: Output[HTML]
              ) -> NamedTuple("Outputs", [("gate_passed", bool), ("gate_reason", str)]):
     """Student and teacher on minitrain/val/test: prec@1, agreement, KL, confusion matrix, curves."""
-    from funmatch import tasks
+    from funmatch.launch import tasks
 
     return tasks.evaluate(config, dataset, teacher, student, metrics, classification, report, curves)

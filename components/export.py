@@ -9,6 +9,6 @@ from components import image
 def export(config: str, dataset: Input[Dataset], teacher: Input[Model], student: Input[Model],
            report: Input[Artifact], publish_uri: str, onnx_model: Output[Model]):
     """model.onnx + model.json + metrics.json, checked with onnxruntime; copied to publish_uri if set."""
-    from funmatch import tasks
+    from funmatch.launch import tasks
 
     tasks.export(config, dataset, teacher, student, report, publish_uri, onnx_model)

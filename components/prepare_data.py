@@ -29,7 +29,7 @@ def prepare_data(
 ) -> NamedTuple("Outputs", [("config", str)]):
     """Resolves the config from the UI parameters and prepares the dataset artifact."""
     arguments = dict(locals())
-    from funmatch import tasks
+    from funmatch.launch import tasks
 
     parameters = {k: v for k, v in arguments.items() if k in tasks.UI_PARAMETERS}
     return (tasks.prepare_data(config_json, parameters, dataset),)

@@ -9,6 +9,6 @@ from components import image
 def train_teacher(config: str, dataset: Input[Dataset], accelerator: str, num_accelerators: int,
                   teacher: Output[Model]):
     """Fine-tunes teacher.init on the dataset's classes (on the accelerators the task requests)."""
-    from funmatch import tasks
+    from funmatch.launch import tasks
 
     tasks.train_teacher(config, dataset, accelerator, num_accelerators, teacher)

@@ -5,7 +5,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download in tests
 
 import pytest
 
-from funmatch import config, finetune, prepare
+from funmatch import config
+from funmatch.stages import finetune, prepare
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from funmatch import augment
+from funmatch.recipe import augment
 
 
 def _images(n=16, size=40):

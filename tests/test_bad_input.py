@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from funmatch import config, data, prepare
+from funmatch import config
+from funmatch.data import prepared, sources
+from funmatch.stages import prepare
 from funmatch.config import DataConfig
 from funmatch.errors import DataError
 
@@ -106,23 +108,23 @@ GOOD_IMAGE = lambda seed: _bytes(_noise(seed=seed), "PNG")  # noqa: E731
 ])
 def test_unusable_files_are_refused_with_their_kind(blob, kind, words):
     start = time.perf_counter()
-    with pytest.raises(data.BadImage, match=words) as e:
-        data.decode_image(blob, 16, DataConfig().max_image_pixels)  # the default limit
+    with pytest.raises(sources.BadImage, match=words) as e:
+        sources.decode_image(blob, 16, DataConfig().max_image_pixels)  # the default limit
     assert e.value.kind == kind
     assert time.perf_counter() - start < 5  # the bomb is refused from its header, not decoded
 
 
 def test_bomb_limit_is_the_configured_one():
     blob = _bytes(_noise(200, 100), "PNG")
-    assert data.decode_image(blob, 8, 200 * 100).shape == (8, 8, 3)  # exactly at the limit: fine
-    with pytest.raises(data.BadImage, match="more pixels than data.max_image_pixels=19999"):
-        data.decode_image(blob, 8, 200 * 100 - 1)
+    assert sources.decode_image(blob, 8, 200 * 100).shape == (8, 8, 3)  # exactly at the limit: fine
+    with pytest.raises(sources.BadImage, match="more pixels than data.max_image_pixels=19999"):
+        sources.decode_image(blob, 8, 200 * 100 - 1)
 
 
 # ---------------------------------------------------------------- decoded, correctly
 
 def test_cmyk_jpeg_comes_out_in_the_right_colours():
-    out = data.decode_image(cmyk_jpeg(), 32, 10**7).astype(int)
+    out = sources.decode_image(cmyk_jpeg(), 32, 10**7).astype(int)
     assert np.abs(out[16, 4] - (255, 0, 0)).max() < 24  # not inverted, not channel-swapped
     assert np.abs(out[16, 28] - (0, 255, 0)).max() < 24
 
@@ -130,7 +132,7 @@ def test_cmyk_jpeg_comes_out_in_the_right_colours():
 @pytest.mark.parametrize("orientation", sorted(STORED))
 def test_exif_rotated_photo_comes_out_upright(orientation):
     blob = exif_rotated_jpeg(orientation)
-    out = data.decode_image(blob, 32, 10**7).astype(int)
+    out = sources.decode_image(blob, 32, 10**7).astype(int)
     quad = lambda y, x: out[y:y + 16, x:x + 16].reshape(-1, 3).mean(0)  # noqa: E731
     assert np.abs(quad(0, 0) - (255, 0, 0)).max() < 30  # red top-left
     assert np.abs(quad(0, 16) - (255, 255, 255)).max() < 30  # white top-right
@@ -144,7 +146,7 @@ def test_exif_rotated_photo_comes_out_upright(orientation):
 def test_16bit_png_keeps_its_whole_range():
     with Image.open(io.BytesIO(png16())) as img:
         assert img.mode == "I;16"
-    row = data.decode_image(png16(), 64, 10**7)[32, :, 0].astype(int)
+    row = sources.decode_image(png16(), 64, 10**7)[32, :, 0].astype(int)
     assert row[0] <= 2 and row[-1] >= 253  # scaled 65535 → 255, not clipped at 255/65535
     assert (np.diff(row) >= 0).all() and len(set(row.tolist())) > 50  # a ramp, not two levels
 
@@ -152,13 +154,13 @@ def test_16bit_png_keeps_its_whole_range():
 def test_palette_png_transparency_is_composited_over_white():
     with Image.open(io.BytesIO(palette_png_with_transparency())) as img:
         assert img.mode == "P" and img.info["transparency"] == 0
-    out = data.decode_image(palette_png_with_transparency(), 32, 10**7)
+    out = sources.decode_image(palette_png_with_transparency(), 32, 10**7)
     assert (out[:, :14] == 255).all()  # transparent green → white, not green, not black
     assert (out[:, 18:] == (0, 0, 255)).all()
 
 
 def test_one_pixel_image_fills_the_stored_square():
-    out = data.decode_image(one_pixel(), 16, 10**7)
+    out = sources.decode_image(one_pixel(), 16, 10**7)
     assert out.shape == (16, 16, 3) and (out == (10, 200, 30)).all()
 
 
@@ -212,7 +214,7 @@ def test_corrupt_files_are_quarantined_and_the_run_goes_on(tmp_path):
                   for p in (tmp_path / "out" / "quarantine").rglob("*") if p.is_file()) == \
         sorted(f"cat/{n}" for n in BAD_FILES)
     good = 2 * 8 + len(ODD_BUT_GOOD)
-    assert sum(manifest["splits"][s]["count"] for s in data.SPLITS) == good  # every good image kept
+    assert sum(manifest["splits"][s]["count"] for s in prepared.SPLITS) == good  # every good image kept
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"] == skipped
 
 
@@ -231,7 +233,7 @@ def test_quarantine_stays_inside_the_artifact_for_dotdot_names(tmp_path):
     path = f"{root}/cat/../../../../evil.jpg"  # names tmp_path/evil.jpg
     entries = [{"path": path, "kind": "not_an_image", "reason": "x"}]
     out = tmp_path / "out"
-    data.quarantine(data.Source(["cat"], {}, "t", root=str(root)), entries, out)
+    sources.quarantine(sources.Source(["cat"], {}, "t", root=str(root)), entries, out)
     assert entries[0]["quarantine"] == "quarantine/cat/evil.jpg"
     assert (out / "quarantine" / "cat" / "evil.jpg").read_bytes() == b"junk"
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("evil.jpg")) == \
@@ -251,7 +253,7 @@ def test_symlink_loop_terminates_and_lists_each_file_once(tmp_path):
     os.symlink("0.png", root / "cat" / "again.png")  # a second name for one file
 
     result = {}
-    walker = threading.Thread(target=lambda: result.update(src=data.folder_source(str(root))), daemon=True)
+    walker = threading.Thread(target=lambda: result.update(src=sources.folder_source(str(root))), daemon=True)
     walker.start()
     walker.join(timeout=30)
     assert not walker.is_alive(), "walking a tree with a symlink loop did not terminate"
@@ -285,7 +287,7 @@ def test_archive_source_is_extracted_decoded_and_quarantined(tmp_path, ext):
         _tar(archive, tree, {".tar": "w", ".tar.gz": "w:gz", ".tgz": "w:gz"}[ext])
     manifest = prepare.run(_cfg(archive, "data.max_bad_fraction=0.3"), tmp_path / "out")
     assert manifest["classes"] == ["cat", "dog"] and manifest["description"] == f"archive: {archive}"
-    assert sum(manifest["splits"][s]["count"] for s in data.SPLITS) == 8 + len(ODD_BUT_GOOD)
+    assert sum(manifest["splits"][s]["count"] for s in prepared.SPLITS) == 8 + len(ODD_BUT_GOOD)
     assert manifest["skipped"]["count"] == 4
     paths = sorted(e["path"] for e in manifest["skipped"]["files"])
     assert paths == sorted(f"{archive}!/cat/{n}" for n in BAD_FILES)
@@ -343,7 +345,7 @@ def test_zip_member_escaping_the_tree_is_rejected(tmp_path, name, words):
 
 def test_missing_or_garbage_archive_is_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="does not exist or is not a file"):
-        data.check_source(str(tmp_path / "nope.tar.gz"))
+        sources.check_source(str(tmp_path / "nope.tar.gz"))
     (tmp_path / "junk.zip").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a readable archive"):
         prepare.run(_cfg(tmp_path / "junk.zip"), tmp_path / "out")

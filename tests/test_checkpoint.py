@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from funmatch.checkpoint import CheckpointManager
+from funmatch.storage.checkpoint import CheckpointManager
 from funmatch.errors import CheckpointError
 
 

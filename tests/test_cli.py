@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from funmatch import cli
+from funmatch.app import cli
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from funmatch import config, data, prepare
+from funmatch import config
+from funmatch.data import prepared, sources
+from funmatch.stages import prepare
 from funmatch.errors import DataError
 
 
@@ -39,22 +41,22 @@ def test_decode_converts_every_mode_to_rgb_at_stored_size():
             assert img.mode == "I;16"
         buf = io.BytesIO()
         img.save(buf, "TIFF" if mode in ("CMYK", "LA", "I;16") else "PNG")
-        out = data.decode_image(buf.getvalue(), 24, 10**7)
+        out = sources.decode_image(buf.getvalue(), 24, 10**7)
         assert out.shape == (24, 24, 3) and out.dtype == np.uint8
         assert out.max() > 50  # 16-bit scaled down, not clipped to black/white
 
 
 def test_decode_refuses_garbage_and_bombs():
     with pytest.raises(ValueError):
-        data.decode_image(b"not an image", 16, 10**7)
+        sources.decode_image(b"not an image", 16, 10**7)
     buf = io.BytesIO()
     _photo((200, 200)).save(buf, "PNG")
     with pytest.raises(ValueError, match="max_image_pixels"):
-        data.decode_image(buf.getvalue(), 16, 100 * 100)
+        sources.decode_image(buf.getvalue(), 16, 100 * 100)
 
 
 def test_folder_source_finds_files_recursively_and_sorted_classes(tmp_path):
-    src = data.folder_source(str(make_folder(tmp_path / "src")))
+    src = sources.folder_source(str(make_folder(tmp_path / "src")))
     assert src.classes == ["cat", "dog", "fox"]
     assert len(src.files["all"]) == 18
     assert any("nested/deeper" in f for f, _ in src.files["all"])
@@ -69,20 +71,20 @@ def test_prepare_folder_splits_stratified_and_deterministic(tmp_path):
     m2 = prepare.run(cfg, tmp_path / "b")
     assert m1["splits"] == m2["splits"]  # same seed, same split, same bytes
     assert m1["skipped"]["count"] == 1 and m1["skipped"]["files"][0]["path"].endswith("broken.jpg")
-    counts = np.array([m1["splits"][s]["class_counts"] for s in data.SPLITS])
+    counts = np.array([m1["splits"][s]["class_counts"] for s in prepared.SPLITS])
     assert counts.sum(0).tolist() == [10, 10, 10]  # dog: 11 listed, 1 unreadable
     assert counts[1:, [0, 2]].tolist() == [[2, 2], [2, 2]]  # 20 % each, per class
-    images, labels = data.load_split(tmp_path / "a", "train")
+    images, labels = prepared.load_split(tmp_path / "a", "train")
     assert images.shape[1:] == (16, 16, 3) and images.dtype == np.uint8 and len(labels) == counts[0].sum()
 
     # Splits are cut on the listing before decoding: the same file readable moves no other file.
     _save(root / "dog" / "broken.jpg", _photo((24, 24), seed=99), "JPEG")
     m3 = prepare.run(cfg, tmp_path / "c")
     assert m3["skipped"]["count"] == 0
-    grew = [s for s in data.SPLITS if m3["splits"][s]["count"] == m1["splits"][s]["count"] + 1]
+    grew = [s for s in prepared.SPLITS if m3["splits"][s]["count"] == m1["splits"][s]["count"] + 1]
     assert len(grew) == 1
-    for split in set(data.SPLITS) - set(grew):
-        assert np.array_equal(data.load_split(tmp_path / "a", split)[0], data.load_split(tmp_path / "c", split)[0])
+    for split in set(prepared.SPLITS) - set(grew):
+        assert np.array_equal(prepared.load_split(tmp_path / "a", split)[0], prepared.load_split(tmp_path / "c", split)[0])
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog", "fox"] and manifest["stored_resolution"] == 16
 
@@ -120,7 +122,7 @@ def test_bad_class_layouts(tmp_path, layout, message):
         if n == 0:
             (root / c / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match=message):
-        data.folder_source(str(root))
+        sources.folder_source(str(root))
 
 
 def test_no_readable_images(tmp_path):
@@ -134,7 +136,7 @@ def test_no_readable_images(tmp_path):
 
 def test_missing_source_is_clear():
     with pytest.raises(DataError, match="/no/such/dir"):
-        data.check_source("/no/such/dir")
+        sources.check_source("/no/such/dir")
 
 
 def test_corrupt_shard_is_detected(dataset_dir, tmp_path):
@@ -147,11 +149,11 @@ def test_corrupt_shard_is_detected(dataset_dir, tmp_path):
     raw[-1] ^= 0xFF
     shard.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="checksum"):
-        data.load_split(copy, "val")
+        prepared.load_split(copy, "val")
 
 
 def test_demo_dataset_has_fixed_splits(dataset_dir):
-    m = data.read_manifest(dataset_dir)
+    m = prepared.read_manifest(dataset_dir)
     assert m["num_classes"] == 10 and m["split_origin"] == "source"
     assert [m["splits"][s]["count"] for s in ("train", "val", "test")] == [8000, 1000, 2000]
     assert all(c == 800 for c in m["splits"]["train"]["class_counts"])
@@ -159,7 +161,7 @@ def test_demo_dataset_has_fixed_splits(dataset_dir):
 
 def test_batch_indices_are_a_pure_function_of_the_step():
     n, b = 10, 4
-    stream = np.concatenate([data.batch_indices(s, b, n, seed=3).numpy() for s in range(5)])
+    stream = np.concatenate([prepared.batch_indices(s, b, n, seed=3).numpy() for s in range(5)])
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
-    assert (data.batch_indices(3, b, n, seed=3) == data.batch_indices(3, b, n, seed=3)).all()
-    assert not (data.batch_indices(0, b, n, seed=3) == data.batch_indices(0, b, n, seed=4)).all()
+    assert (prepared.batch_indices(3, b, n, seed=3) == prepared.batch_indices(3, b, n, seed=3)).all()
+    assert not (prepared.batch_indices(0, b, n, seed=3) == prepared.batch_indices(0, b, n, seed=4)).all()

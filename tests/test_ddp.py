@@ -6,7 +6,9 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from funmatch import config, distill, tasks
+from funmatch import config
+from funmatch.launch import tasks
+from funmatch.stages import distill
 
 
 def test_two_process_ddp_matches_single_process(tmp_path, dataset_dir, teacher_dir):
@@ -38,7 +40,7 @@ def test_two_process_ddp_matches_single_process(tmp_path, dataset_dir, teacher_d
 def test_global_batch_must_split_evenly(tmp_path, dataset_dir, teacher_dir):
     cfg = config.load("demo-tiny", ["distill.batch_size=63", "runtime.num_threads=1"])
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "funmatch.cli", "stage", "distill", "--config-json", cfg.to_json(),
+                          "-m", "funmatch", "stage", "distill", "--config-json", cfg.to_json(),
                           "--dataset", str(dataset_dir), "--teacher", str(teacher_dir),
                           "--output", str(tmp_path / "x")], capture_output=True, text=True)
     assert out.returncode != 0 and "distill.batch_size=63" in out.stderr

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from funmatch import cli, faults
-from funmatch.checkpoint import CheckpointManager
+from funmatch.app import cli, faults
+from funmatch.storage.checkpoint import CheckpointManager
 
 KILLS = 3  # per signal; `funmatch fault-test` defaults to 5 (docs/reliability.md has those figures)
 FAST = ["distill.epochs=0.1", "distill.eval_every=0"]  # 13 steps, no val pass at each worker start

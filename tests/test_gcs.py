@@ -13,7 +13,9 @@ from uuid import uuid4
 
 import pytest
 
-from funmatch import cli, publish, storage
+from funmatch import storage
+from funmatch.app import cli
+from funmatch.storage import publish
 from gcs_server import FaultProxy, after, fake_gcs, first
 
 T0 = dt.datetime(2026, 11, 26, 3, 0, 0, tzinfo=dt.timezone.utc)
@@ -399,7 +401,7 @@ def test_checkpoints_on_gcs_move_latest_by_generation_and_survive_a_corrupt_newe
     import torch
     from torch import nn
 
-    from funmatch.checkpoint import CheckpointManager
+    from funmatch.storage.checkpoint import CheckpointManager
 
     model = nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters())

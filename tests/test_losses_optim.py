@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from funmatch import losses, optim
+from funmatch.recipe import losses, optim
 
 
 def test_kd_loss_is_t2_kl_teacher_to_student():

@@ -3,7 +3,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from funmatch import models
+from funmatch.config import archs
+from funmatch.recipe import models
 from funmatch.errors import CheckpointError, ConfigError
 
 
@@ -45,7 +46,7 @@ def test_known_archs_and_zero_head():
         assert torch.count_nonzero(out) == 0  # zero head: uniform first predictions
     assert sum(p.numel() for p in models.create_model("bit-r50x1", 10).parameters()) == pytest.approx(23.5e6, rel=0.01)
     with pytest.raises(ConfigError, match="bit-r50x1"):
-        models.check_arch("student.arch", "bit-r50")
+        archs.check_arch("student.arch", "bit-r50")
 
 
 def test_bit_npz_round_trip(tmp_path):

@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from funmatch import cli, config, data, prepare
+from funmatch import config
+from funmatch.app import cli
+from funmatch.data import sources
+from funmatch.stages import prepare
 from funmatch.errors import DataError
 
 TABLE4 = {  # dataset: {variant: (epochs, T, lr, wd, student test acc)}
@@ -150,9 +153,9 @@ def test_paper_dataset_layouts(tmp_path, name, build, counts, classes):
 
 def test_named_dataset_without_root_or_files_is_clear(tmp_path):
     with pytest.raises(DataError, match="needs data.root"):
-        data.check_data("pets", "", False)
+        sources.check_data("pets", "", False)
     with pytest.raises(DataError, match="torchvision's layout"):
-        data.named_source("pets", str(tmp_path), False)
+        sources.named_source("pets", str(tmp_path), False)
 
 
 # ---------------------------------------------------------------- the reproduction's bookkeeping
@@ -165,7 +168,7 @@ def _rows(acc):
 
 
 def test_claims_are_evaluated_from_the_table(tmp_path):
-    from funmatch import experiment
+    from funmatch.app import experiment
 
     paper_like = {"fixed": [0.70, 0.72, 0.71], "independent": [0.70, 0.74, 0.76], "consistent": [0.71, 0.76, 0.79],
                   "funmatch": [0.69, 0.76, 0.80]}

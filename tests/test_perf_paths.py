@@ -10,7 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from funmatch import augment, cli, config, data, distill, loader, prepare
+from funmatch import config, storage
+from funmatch.app import cli
+from funmatch.data import prepared, loader
+from funmatch.recipe import augment
+from funmatch.stages import distill, prepare
 from funmatch.errors import DataError
 
 
@@ -26,20 +30,20 @@ def test_sharded_gather_matches_loaded_split(tmp_path, encoding, jpeg_dataset):
     if encoding == "raw":
         prepare.run(config.load("demo-tiny", ["data.shard_size=700"]), tmp_path / "ds")
     dataset = tmp_path / "ds" if encoding == "raw" else jpeg_dataset
-    images, _ = data.load_split(dataset, "train")
-    source = data.ShardedImages(dataset, "train")
+    images, _ = prepared.load_split(dataset, "train")
+    source = prepared.ShardedImages(dataset, "train")
     assert source.encoding == encoding and len(source.counts) > 1
     idx = np.random.default_rng(0).permutation(len(images))[:300]
     assert len(source) == len(images) and np.array_equal(source.gather(idx), images[idx])
 
 
 def test_jpeg_shards_are_smaller_and_close_to_raw(dataset_dir, jpeg_dataset):
-    raw_x, raw_y = data.load_split(dataset_dir, "train")
-    jpg_x, jpg_y = data.load_split(jpeg_dataset, "train")
+    raw_x, raw_y = prepared.load_split(dataset_dir, "train")
+    jpg_x, jpg_y = prepared.load_split(jpeg_dataset, "train")
     assert np.array_equal(raw_y, jpg_y) and raw_x.shape == jpg_x.shape
     err = np.abs(raw_x.astype(np.int16) - jpg_x.astype(np.int16))
     assert err.mean() < 2.0  # quality 95 of upscaled 28-px greyscale images: ~1 grey level
-    manifest = data.read_manifest(jpeg_dataset)
+    manifest = prepared.read_manifest(jpeg_dataset)
     stored = sum((jpeg_dataset / sh["images"]).stat().st_size for sh in manifest["splits"]["train"]["shards"])
     assert manifest["encoding"] == "jpeg" and stored < raw_x.nbytes / 2
 
@@ -49,10 +53,10 @@ def test_jpeg_shard_corruption_is_detected(tmp_path, jpeg_dataset):
 
     copy = tmp_path / "copy"
     shutil.copytree(jpeg_dataset, copy)
-    shard = copy / data.read_manifest(copy)["splits"]["val"]["shards"][0]["images"]
+    shard = copy / prepared.read_manifest(copy)["splits"]["val"]["shards"][0]["images"]
     shard.write_bytes(shard.read_bytes()[:-10] + bytes(10))
     with pytest.raises(DataError, match="checksum mismatch"):
-        data.load_split(copy, "val")
+        prepared.load_split(copy, "val")
 
 
 @pytest.mark.parametrize("setup,shard", [("funmatch", (0, 1)), ("funmatch", (1, 3)), ("consistent", (2, 3))])
@@ -72,7 +76,7 @@ def test_streamed_loader_gives_the_resident_batches(jpeg_dataset, setup, shard):
 
 
 def test_shard_rows_views_equal_global_batch_views(jpeg_dataset):
-    images = torch.from_numpy(data.load_split(jpeg_dataset, "train")[0][:16])
+    images = torch.from_numpy(prepared.load_split(jpeg_dataset, "train")[0][:16])
     for shard in ((0, 2), (1, 2)):
         rows = augment.shard_rows(16, "funmatch", shard)
         views = [augment.distill_views(x, "funmatch", 32, 24, (0.08, 1.0), augment.step_generator(0, 7), shard=shard,
@@ -114,7 +118,7 @@ def test_bench_loader_streams_a_synthetic_jpeg_dataset(tmp_path, capsys):
 
 
 def test_natural_images_have_a_photographs_spectrum():
-    from funmatch.bench_loader import natural_images
+    from funmatch.app.bench_loader import natural_images
 
     x = natural_images(4, 64).astype(np.float64).mean(-1)
     power = np.abs(np.fft.fft2(x - x.mean((1, 2), keepdims=True))) ** 2
@@ -175,18 +179,18 @@ def test_loader_workers_fit_cpus_and_shared_memory(monkeypatch, tmp_path, caplog
 
 @pytest.mark.parametrize("limit", [0, 1, 699, 700, 701, 5000])
 def test_load_split_limit_reads_only_the_shards_it_needs(jpeg_dataset, limit, monkeypatch):
-    full_x, full_y = data.load_split(jpeg_dataset, "train")
+    full_x, full_y = prepared.load_split(jpeg_dataset, "train")
     read = []
-    original = data.sha256_file
-    monkeypatch.setattr(data, "sha256_file", lambda p: read.append(str(p)) or original(p))
-    x, y = data.load_split(jpeg_dataset, "train", limit=limit)
+    original = storage.sha256_file
+    monkeypatch.setattr(storage, "sha256_file", lambda p: read.append(str(p)) or original(p))
+    x, y = prepared.load_split(jpeg_dataset, "train", limit=limit)
     assert np.array_equal(x, full_x[:limit]) and np.array_equal(y, full_y[:limit])
-    shards_needed = min(-(-limit // 700), len(data.read_manifest(jpeg_dataset)["splits"]["train"]["shards"]))
+    shards_needed = min(-(-limit // 700), len(prepared.read_manifest(jpeg_dataset)["splits"]["train"]["shards"]))
     assert len({p.rsplit("-", 1)[0] for p in read}) == shards_needed
 
 
 def test_teacher_finetune_streams_like_resident(tmp_path, jpeg_dataset):
-    from funmatch import finetune
+    from funmatch.stages import finetune
 
     for name, extra in (("resident", []), ("streamed", ["runtime.resident_max_gb=0", "runtime.loader_workers=1"])):
         finetune.run(config.load("demo-tiny", ["finetune.steps=6"] + extra), jpeg_dataset, tmp_path / name)
@@ -196,9 +200,9 @@ def test_teacher_finetune_streams_like_resident(tmp_path, jpeg_dataset):
 
 
 def test_int8_calibration_reads_jpeg_shards(jpeg_dataset):
-    from funmatch import quantize
+    from funmatch.stages import quantize
 
     images = quantize.calibration_images(jpeg_dataset, 40)
-    full, _ = data.load_split(jpeg_dataset, "train")
+    full, _ = prepared.load_split(jpeg_dataset, "train")
     picks = np.sort(np.random.default_rng(quantize.CALIBRATION_SEED).choice(len(full), 40, replace=False))
     assert np.array_equal(images, full[picks])

@@ -5,7 +5,8 @@ import time
 import pytest
 import yaml
 
-from funmatch import cli, config
+from funmatch import config
+from funmatch.app import cli
 from pipelines.funmatch_pipeline import compile_pipeline
 
 

@@ -7,7 +7,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from funmatch import cli, config, distill, export, quantize
+from funmatch import config
+from funmatch.app import cli
+from funmatch.stages import distill, export, quantize
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +72,9 @@ def test_int8_agrees_with_fp32_on_test_images(exported, dataset_dir, student_dir
     assert fp32 > 0.15  # above chance (0.1): the student learned something, so agreement means something
     assert fp32 - int8 <= 0.01 and metrics["export/int8/test/agree@1"] >= 0.95
     # independent check of the written files on the raw test split, through the exact eval preprocessing
-    from funmatch import data
+    from funmatch.data import prepared
 
-    images, _ = data.load_split(dataset_dir, "test")
+    images, _ = prepared.load_split(dataset_dir, "test")
     crop_pct = json.loads((student_dir / "model.json").read_text())["crop_pct"]
     a = quantize.ort_logits(quantize.session(out / "model.onnx", 2), images[:500], 32, crop_pct, 250)
     b = quantize.ort_logits(quantize.session(out / quantize.INT8_FILE, 2), images[:500], 32, crop_pct, 250)

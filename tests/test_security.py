@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from funmatch import cli, config, models
-from funmatch.checkpoint import CheckpointManager
+from funmatch import config
+from funmatch.app import cli
+from funmatch.recipe import models
+from funmatch.storage.checkpoint import CheckpointManager
 from funmatch.errors import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

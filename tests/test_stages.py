@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from funmatch import config, distill, evaluate, export, finetune, models
+from funmatch import config
+from funmatch.recipe import models
+from funmatch.stages import distill, evaluate, export, finetune
 
 
 @pytest.fixture(scope="module")

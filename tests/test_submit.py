@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from funmatch import __version__, cli, config, kfp_client
+from funmatch import __version__, config
+from funmatch.app import cli, kfp_client
 
 API = "/apis/v2beta1"
 

@@ -27,7 +27,9 @@ import yaml
 from kfp import dsl
 
 from components import image
-from funmatch import cli, config, storage, tasks, trainjob
+from funmatch import config, storage
+from funmatch.app import cli
+from funmatch.launch import tasks, trainjob
 from funmatch.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +97,7 @@ def test_trainjob_validates_and_carries_the_task_resources(schema):
     assert t["numNodes"] == 2 and t["numProcPerNode"] == 8
     assert t["resourcesPerNode"] == {"limits": {"nvidia.com/gpu": "8"}, "requests": {"cpu": "8", "memory": "48Gi"}}
     assert t["image"] == "reg/img:1"
-    assert t["command"] == ["torchrun", "--module", "funmatch.cli"]
+    assert t["command"] == ["torchrun", "--module", "funmatch"]
     assert t["args"][:2] == ["stage", "distill"]
     assert json.loads(t["args"][t["args"].index("--config-json") + 1]) == cfg.to_dict()
     assert t["args"][t["args"].index("--checkpoint-dir") + 1] == "gs://b/ckpt"
@@ -459,7 +461,7 @@ def test_launcher_end_to_end(where, request, kube, schema, tmp_path, dataset_dir
         stub.set_status(name, jobsStatus=jobs())
         stub.wait_for_watch()  # the launcher has seen the job Created
         stub.set_status(name, jobsStatus=jobs(active=2, ready=2))
-        assert t["command"] == trainjob.TORCHRUN  # torchrun --module funmatch.cli <args>: run <args> here
+        assert t["command"] == trainjob.TORCHRUN  # torchrun --module funmatch <args>: run <args> here
         args = list(t["args"])
         args[args.index("--cache-dir") + 1] = str(scratch / "funmatch")
         worker["rc"] = cli.main(args)

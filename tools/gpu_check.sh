@@ -10,7 +10,7 @@ set -u
 export PYTHONPATH=. HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 out=${OUT:-runs/gpu}
 mkdir -p "$out"
-fm() { timeout "$1" python -m funmatch.cli "${@:2}"; }
+fm() { timeout "$1" python -m funmatch "${@:2}"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 nproc | tee -a "$out/gpu.txt"
 case "${1:-bench}" in

@@ -1,0 +1,541 @@
+"""Typed configuration: YAML presets shipped in the package, overridden by dotted `--set KEY=VALUE`.
+
+A preset file holds `description`, `expected` (metric, value, runtime) and `config` (a partial
+`Config`); `base: NAME` inherits another preset. Files whose name starts with `_` are bases only.
+Every value is checked here, before any data is read or any model is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, get_type_hints
+
+import yaml
+
+from funmatch.config import archs
+from funmatch.errors import ConfigError
+
+SETUPS = ("fixed", "independent", "consistent", "funmatch")
+NOT_HASHED = {"distill.log_every", "distill.eval_every", "distill.checkpoint_every_steps",
+              "distill.checkpoint_every_minutes", "distill.keep_checkpoints", "distill.num_nodes",
+              "runtime.device", "runtime.num_threads", "runtime.checkpoint_dir", "runtime.resident_max_gb",
+              "runtime.allow_config_change", "runtime.loader_workers", "runtime.jpeg_decode",
+              "runtime.sync_debug", "runtime.compile_cache"}
+NAMED_DATASETS = ("flowers102", "pets", "food101", "sun397", "imagenet")
+OPTIMIZERS = ("adam", "shampoo")
+STEM_POOLS = ("zero_pad", "neg_inf_pad")
+PRECISIONS = ("fp32", "bf16")
+JPEG_DECODERS = ("cpu", "device")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how the prepared dataset artifact stores them."""
+
+    # demo | an ImageFolder tree (local dir, gs:// prefix, or a .tar/.tar.gz/.zip of one)
+    # | flowers102 | pets | food101 | sun397 | imagenet (these read `root`)
+    source: str = "demo"
+    root: str = ""  # for the named datasets: where their files are (a path or gs:// prefix)
+    download: bool = False  # named torchvision datasets: fetch them into `root` (clusters with network only)
+    stored_resolution: int = 160  # square side the images are stored at (short-side resize + centre crop)
+    val_fraction: float = 0.1  # used only when the source has no val split
+    test_fraction: float = 0.1  # used only when the source has no test split
+    split_seed: int = 0
+    shard_size: int = 4096  # images per shard file
+    max_bad_fraction: float = 0.05  # more unreadable files than this fails the stage
+    max_image_pixels: int = 89_478_485  # decompression-bomb limit (Pillow's default)
+    max_train_per_class: int = 0  # keep only the first N train images per class (quick experiments); 0: all
+    encoding: str = "raw"  # raw: uint8 arrays (small datasets, GPU-resident) | jpeg: streamed, decoded in parallel
+    jpeg_quality: int = 95  # encoding=jpeg: quality of the re-encoded stored images
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher; `init` may list several checkpoints (comma-separated) for an ensemble."""
+
+    arch: str = "bit-r152x2"
+    init: str = "none"  # none | path or gs:// URI of a BiT .npz or a .safetensors file
+    resolution: int = 128
+    finetune: bool = True  # false: `init` is already fine-tuned for this dataset's classes
+    member_resolutions: str = ""  # ensembles: one resolution per `init` entry (e.g. '384,224'); empty: `resolution`
+    stem_pool: str = "zero_pad"  # zero_pad (big_transfer) | neg_inf_pad (big_vision bit_paper)
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "bit-r50x1"
+    init: str = "none"  # the paper trains from scratch
+    resolution: int = 128
+    stem_pool: str = "zero_pad"
+    zero_head: bool = True  # zero-initialised head: first predictions are uniform
+
+
+@dataclass
+class FinetuneConfig:
+    """Teacher fine-tuning with BiT-HyperRule; `steps: 0` picks the schedule by train-set size."""
+
+    steps: int = 0
+    batch_size: int = 512
+    lr: float = 0.003
+    momentum: float = 0.9
+    mixup_alpha: float = -1.0  # -1: HyperRule (0.1 from 20k train images, else none)
+
+
+@dataclass
+class DistillConfig:
+    setup: str = "funmatch"  # fixed | independent | consistent | funmatch
+    epochs: float = 10000.0
+    batch_size: int = 512
+    lr: float = 0.003
+    weight_decay: float = 3e-4  # big_vision semantics: scaled by the schedule, not by lr
+    temperature: float = 10.0
+    warmup_steps: int = 1500
+    grad_clip_norm: float = 1.0
+    optimizer: str = "adam"
+    extra_students: str = ""  # more students fed by the same teacher forward: 'arch@res,arch@res'
+    crop_min_area: float = 0.05  # inception crop area range (fraction of the image)
+    crop_max_area: float = 1.0
+    log_every: int = 50  # steps between host syncs for logging
+    eval_every: int = 0  # steps between student val evaluations during training; 0: only at the end
+    checkpoint_every_steps: int = 1000
+    checkpoint_every_minutes: float = 10.0
+    keep_checkpoints: int = 3
+    num_nodes: int = 1  # >1: a Kubeflow Trainer TrainJob runs the stage on that many nodes (funmatch/trainjob.py)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    crop_pct: float = 0.8  # resize short side to res/crop_pct, centre crop res (128: 160→128)
+    minitrain_size: int = 512  # big_vision minitrain: train[:512] (small datasets), train[:2%] (ImageNet)
+    on_gpu: bool = False  # run the evaluate stage on the GPU pool (one GPU): ImageNet-size splits, big teachers
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 18
+    max_abs_diff: float = 1e-3  # onnxruntime vs PyTorch on real test images
+    int8: bool = False  # also write model.int8.onnx (static QDQ INT8, onnxruntime; funmatch/quantize.py)
+    calibration_images: int = 256  # training images (eval preprocessing) that calibrate the INT8 ranges
+    max_int8_drop: float = 0.01  # INT8 test prec@1 may lose at most this much (absolute) or is not published
+
+
+@dataclass
+class GateConfig:
+    """Quality gate before export/publish: the student must reach both bars on the test split."""
+
+    min_student_acc: float = 0.0  # absolute student test prec@1
+    min_teacher_ratio: float = 0.9  # student test prec@1 / teacher test prec@1
+
+
+@dataclass
+class ResourcesConfig:
+    """Cluster settings of the GPU tasks; kfp.local ignores them."""
+
+    accelerator_type: str = "nvidia.com/gpu"
+    accelerator_count: int = 1
+    node_selector_key: str = "cloud.google.com/gke-accelerator"
+    node_selector_value: str = "nvidia-h100-80gb"
+    toleration_key: str = "nvidia.com/gpu"
+    shm_size: str = "16Gi"
+    timeout_hours: float = 336.0
+    retries: int = 5
+    image: str = ""  # registry/name prefix of the images; empty: funmatch's default
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    num_threads: int = 0  # CPU threads for torch; 0: torch's default
+    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    compile: bool = False  # torch.compile the models (pays off on long GPU runs)
+    # torch.compile mode: default | reduce-overhead (CUDA graphs: the step's shapes are static) | max-autotune
+    # | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
+    # where torch.compile's artifacts persist (a path or gs:// prefix), so a retry or resume on a fresh node
+    # skips recompiling; empty: <checkpoint dir>/compile-cache when distill has a checkpoint dir
+    compile_cache: str = ""
+    checkpoint_dir: str = ""  # durable checkpoint location (path or gs://); empty: none
+    allow_config_change: bool = False  # resume from checkpoints made with another config hash
+    resident_max_gb: float = 16.0  # train splits up to this size live on the device as uint8; larger ones stream
+    loader_workers: int = 0  # streamed data: decode processes; 0: this process's CPUs less one (funmatch/loader.py)
+    jpeg_decode: str = "cpu"  # streamed jpeg data: cpu (libjpeg-turbo in the workers) | device (nvJPEG on the GPU)
+    sync_debug: bool = False  # CUDA: warn (with the line) at every host-GPU synchronisation in distill's timed steps
+
+
+@dataclass
+class Expected:
+    """What a preset should give, and where that figure comes from."""
+
+    metric: str = ""
+    value: float = 0.0  # the student figure (the paper's, or measured for the demo presets)
+    teacher_value: float = 0.0  # the teacher figure for the same split
+    runtime: str = ""
+    paper: str = ""  # source of the figures (table, row)
+    train_size: int = 0  # distillation images per epoch in the paper's split
+    img_per_s: float = 0.0  # measured distill throughput on one H200 (docs/performance.md, gpu.md)
+
+
+@dataclass
+class Config:
+    preset: str = ""
+    description: str = ""
+    smoke: bool = False  # the preset's tiny variant: same code path on CPU in seconds (see SMOKE)
+    expected: Expected = field(default_factory=Expected)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def hash(self, *sections: str) -> str:
+        """Short sha256 of the given sections (all result-relevant ones by default). Settings that do
+        not change the trained weights (logging, checkpoint cadence, node count, device) are left out,
+        so a run can resume with them changed."""
+        sections = sections or ("data", "teacher", "student", "finetune", "distill", "runtime")
+        d = self.to_dict()
+        kept = {s: {k: v for k, v in d[s].items() if f"{s}.{k}" not in NOT_HASHED} for s in sections}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- keys, types, parsing
+
+def all_keys(cls: type = Config, prefix: str = "") -> dict[str, type]:
+    """Every dotted leaf key with its type, e.g. {'distill.epochs': float, ...}."""
+    out: dict[str, type] = {}
+    for name, tp in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(all_keys(tp, f"{prefix}{name}."))
+        else:
+            out[prefix + name] = tp
+    return out
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(all_keys()), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `funmatch presets --json` for all keys"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, tp: type) -> Any:
+    """Checks `value` against the field type; ints are accepted where floats are expected."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, str):
+            value = _number(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, str):
+            value = _number(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    raise ConfigError(f"{key}: expected {names[tp]}, got {value!r}")
+
+
+def _number(text: str) -> Any:
+    """'3' → 3, '1e-3' → 0.001 (YAML 1.1 reads the latter as a string); anything else unchanged."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_scalar(text: str, tp: type) -> Any:
+    """A `--set` value as the field type wants it (strings stay verbatim: 'no' is not False)."""
+    if tp is str:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    types = all_keys()
+    if key not in types:
+        raise _unknown_key(key)
+    *path, leaf = key.split(".")
+    obj = cfg
+    for p in path:
+        obj = getattr(obj, p)
+    setattr(obj, leaf, _coerce(key, value, types[key]))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# ---------------------------------------------------------------- presets
+
+def _preset_files() -> dict[str, Any]:
+    root = resources.files("funmatch.config.presets")
+    return {p.name[:-5]: p for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def preset_names() -> list[str]:
+    return sorted(n for n in _preset_files() if not n.startswith("_"))
+
+
+def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    files = _preset_files()
+    if name not in files:
+        close = difflib.get_close_matches(name, preset_names(), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint} (available: {', '.join(preset_names())})")
+    if name in seen:
+        raise ConfigError(f"preset {name!r} inherits itself: {' -> '.join(seen + (name,))}")
+    doc = yaml.safe_load(files[name].read_text()) or {}
+    merged: dict[str, Any] = {}
+    if "base" in doc:
+        merged = _read_preset(doc["base"], seen + (name,))
+    merged.setdefault("config", {})
+    merged["config"].update(_flatten(doc.get("config", {})))
+    for k in ("description", "expected"):
+        if k in doc:
+            merged[k] = doc[k]
+    return merged
+
+
+# `smoke=true`: the preset's own recipe (setup, loss, temperature, lr, wd, optimizer, crops) on the
+# bundled data with mini BiT-style models at 32 px for a few dozen steps on the CPU.
+SMOKE: dict[str, Any] = {
+    "data.source": "demo", "data.stored_resolution": 28,
+    "teacher.arch": "bit-r18-mini", "teacher.init": "none", "teacher.finetune": True, "teacher.resolution": 32,
+    "teacher.member_resolutions": "",
+    "student.arch": "bit-r14-mini", "student.init": "none", "student.resolution": 32,
+    "finetune.steps": 10, "finetune.batch_size": 32, "distill.epochs": 0.1, "distill.batch_size": 32,
+    "distill.warmup_steps": 5, "distill.log_every": 5, "distill.eval_every": 0,
+    "distill.checkpoint_every_steps": 10, "eval.batch_size": 256, "runtime.device": "cpu",
+    "gate.min_student_acc": 0.0, "gate.min_teacher_ratio": 0.0,
+}
+
+
+def load(preset: str = "demo", overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """The preset's config with `overrides` (['a.b=v', ...] or {'a.b': v}) applied, validated."""
+    doc = _read_preset(preset)
+    cfg = Config(preset=preset, description=doc.get("description", ""))
+    for k, v in (doc.get("expected") or {}).items():
+        _set(cfg, f"expected.{k}", v)
+    for k, v in doc["config"].items():
+        _set(cfg, k, v)
+    apply_overrides(cfg, overrides or [])
+    if cfg.smoke:
+        apply_overrides(cfg, SMOKE)
+        apply_overrides(cfg, overrides or [])  # what the user set explicitly still wins
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    types = all_keys()
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+            k, v = item.split("=", 1)
+            k = k.strip()
+            if k not in types:
+                raise _unknown_key(k)
+            items.append((k, _parse_scalar(v, types[k])))
+    for k, v in items:
+        _set(cfg, k, v)
+    return cfg
+
+
+def from_json(text: str) -> Config:
+    """The inverse of `Config.to_json` (used by the pipeline components)."""
+    d = json.loads(text)
+    cfg = Config(preset=d.get("preset", ""), description=d.get("description", ""), smoke=d.get("smoke", False))
+    for k, v in _flatten({k: v for k, v in d.items() if k not in ("preset", "description", "smoke")}).items():
+        _set(cfg, k, v)
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks every value that can be checked without reading data or weights."""
+
+    d, t, s, f, k = cfg.data, cfg.teacher, cfg.student, cfg.finetune, cfg.distill
+    _check(d.source.strip() != "", "data.source", d.source, "'demo', a directory or a gs:// prefix")
+    _check(d.stored_resolution > 0, "data.stored_resolution", d.stored_resolution, "a positive integer")
+    for key, v in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
+        _check(0 <= v < 1, key, v, "a fraction in [0, 1)")
+    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction", d.val_fraction,
+           f"val_fraction + test_fraction < 1 (test_fraction={d.test_fraction})")
+    _check(d.shard_size > 0, "data.shard_size", d.shard_size, "a positive integer")
+    _check(d.max_train_per_class >= 0, "data.max_train_per_class", d.max_train_per_class, "0 (all) or a positive integer")
+    _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a fraction in [0, 1]")
+    _check(d.encoding in ("raw", "jpeg"), "data.encoding", d.encoding, "raw or jpeg")
+    _check(1 <= d.jpeg_quality <= 100, "data.jpeg_quality", d.jpeg_quality, "an integer in [1, 100]")
+    _check(d.max_image_pixels > 0, "data.max_image_pixels", d.max_image_pixels, "a positive integer")
+
+    for role, m in (("teacher", t), ("student", s)):
+        archs.check_arch(f"{role}.arch", m.arch)
+        archs.check_resolution(f"{role}.resolution", m.arch, m.resolution)
+        _check(m.stem_pool in STEM_POOLS, f"{role}.stem_pool", m.stem_pool, f"one of {', '.join(STEM_POOLS)}")
+        for uri in split_uris(m.init):
+            _check(uri.endswith((".npz", ".safetensors")), f"{role}.init", m.init,
+                   "'none' or paths / gs:// URIs ending in .npz or .safetensors, comma-separated")
+    _check(len(split_uris(s.init)) <= 1, "student.init", s.init, "'none' or a single checkpoint")
+    resolutions = member_resolutions(t)
+    _check(len(resolutions) == max(1, len(split_uris(t.init))), "teacher.member_resolutions", t.member_resolutions,
+           f"empty or one resolution per teacher.init entry ({len(split_uris(t.init))})")
+    for r in resolutions:
+        archs.check_resolution("teacher.member_resolutions", t.arch, r)
+    _check(d.source != "demo" or not d.root, "data.root", d.root, "empty when data.source is 'demo'")
+    _check(t.finetune or bool(split_uris(t.init)), "teacher.finetune", t.finetune,
+           "true when teacher.init is 'none' (a teacher must be trained or given)")
+    _check(not t.finetune or len(split_uris(t.init)) <= 1, "teacher.init", t.init,
+           "a single checkpoint when teacher.finetune is true (ensembles are given already fine-tuned)")
+
+    _check(f.steps >= 0, "finetune.steps", f.steps, "0 (BiT-HyperRule) or a positive number of steps")
+    _check(f.batch_size > 0, "finetune.batch_size", f.batch_size, "a positive integer")
+    _check(f.lr > 0, "finetune.lr", f.lr, "a positive number")
+    _check(0 <= f.momentum < 1, "finetune.momentum", f.momentum, "a number in [0, 1)")
+    _check(f.mixup_alpha == -1 or f.mixup_alpha >= 0, "finetune.mixup_alpha", f.mixup_alpha,
+           "-1 (HyperRule) or a non-negative number")
+
+    _check(k.setup in SETUPS, "distill.setup", k.setup, f"one of {', '.join(SETUPS)}")
+    _check(k.epochs > 0, "distill.epochs", k.epochs, "a positive number")
+    _check(k.batch_size > 0, "distill.batch_size", k.batch_size, "a positive integer")
+    _check(k.lr > 0, "distill.lr", k.lr, "a positive number")
+    _check(k.weight_decay >= 0, "distill.weight_decay", k.weight_decay, "a non-negative number")
+    _check(k.temperature > 0, "distill.temperature", k.temperature, "a positive number")
+    _check(k.warmup_steps >= 0, "distill.warmup_steps", k.warmup_steps, "a non-negative integer")
+    _check(k.grad_clip_norm > 0, "distill.grad_clip_norm", k.grad_clip_norm, "a positive number")
+    _check(k.optimizer in OPTIMIZERS, "distill.optimizer", k.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+    for i, (arch, res) in enumerate(extra_students(k)):
+        archs.check_arch(f"distill.extra_students[{i}]", arch)
+        archs.check_resolution(f"distill.extra_students[{i}]", arch, res)
+    _check(0 < k.crop_min_area <= k.crop_max_area <= 1, "distill.crop_min_area", k.crop_min_area,
+           f"0 < crop_min_area <= crop_max_area <= 1 (crop_max_area={k.crop_max_area})")
+    _check(k.log_every > 0, "distill.log_every", k.log_every, "a positive integer")
+    _check(k.eval_every >= 0, "distill.eval_every", k.eval_every, "a non-negative integer")
+    _check(k.checkpoint_every_steps > 0, "distill.checkpoint_every_steps", k.checkpoint_every_steps,
+           "a positive integer")
+    _check(k.checkpoint_every_minutes > 0, "distill.checkpoint_every_minutes", k.checkpoint_every_minutes,
+           "a positive number")
+    _check(k.keep_checkpoints >= 1, "distill.keep_checkpoints", k.keep_checkpoints, "at least 1")
+    _check(k.num_nodes >= 1, "distill.num_nodes", k.num_nodes, "a positive integer (>1: a TrainJob on that many nodes)")
+
+    _check(cfg.eval.batch_size > 0, "eval.batch_size", cfg.eval.batch_size, "a positive integer")
+    _check(0 < cfg.eval.crop_pct <= 1, "eval.crop_pct", cfg.eval.crop_pct, "a fraction in (0, 1]")
+    _check(cfg.eval.minitrain_size >= 0, "eval.minitrain_size", cfg.eval.minitrain_size, "a non-negative integer")
+    _check(cfg.export.opset >= 17, "export.opset", cfg.export.opset, "17 or higher")
+    _check(cfg.export.max_abs_diff > 0, "export.max_abs_diff", cfg.export.max_abs_diff, "a positive number")
+    _check(cfg.export.calibration_images > 0, "export.calibration_images", cfg.export.calibration_images,
+           "a positive integer")
+    _check(0 <= cfg.export.max_int8_drop <= 1, "export.max_int8_drop", cfg.export.max_int8_drop,
+           "a fraction in [0, 1] (0.01 = one point of prec@1)")
+
+    _check(0 <= cfg.gate.min_student_acc <= 1, "gate.min_student_acc", cfg.gate.min_student_acc, "a fraction in [0, 1]")
+    _check(cfg.gate.min_teacher_ratio >= 0, "gate.min_teacher_ratio", cfg.gate.min_teacher_ratio,
+           "a non-negative ratio")
+    r = cfg.resources
+    _check(r.accelerator_count >= 0, "resources.accelerator_count", r.accelerator_count, "a non-negative integer")
+    _check(r.timeout_hours > 0, "resources.timeout_hours", r.timeout_hours, "a positive number")
+    _check(r.retries >= 0, "resources.retries", r.retries, "a non-negative integer")
+    _check(bool(re.fullmatch(r"[0-9]+(\.[0-9]+)?([KMGT]i?)?", r.shm_size)), "resources.shm_size", r.shm_size,
+           "a Kubernetes quantity such as 16Gi")
+    rt = cfg.runtime
+    _check(bool(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", rt.device)), "runtime.device", rt.device,
+           "auto, cpu, cuda or cuda:N")
+    _check(rt.num_threads >= 0, "runtime.num_threads", rt.num_threads, "a non-negative integer")
+    _check(rt.resident_max_gb >= 0, "runtime.resident_max_gb", rt.resident_max_gb, "a non-negative number of GiB")
+    _check(rt.loader_workers >= 0, "runtime.loader_workers", rt.loader_workers, "0 (auto) or a positive integer")
+    _check(rt.jpeg_decode in JPEG_DECODERS, "runtime.jpeg_decode", rt.jpeg_decode, f"one of {', '.join(JPEG_DECODERS)}")
+    _check(rt.compile_mode in COMPILE_MODES, "runtime.compile_mode", rt.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
+    _check(rt.precision in PRECISIONS, "runtime.precision", rt.precision, f"one of {', '.join(PRECISIONS)}")
+
+
+def extra_students(k: DistillConfig) -> list[tuple[str, int]]:
+    """distill.extra_students 'bit-r50x1@160,mobilenetv3-large-gn@224' → [(arch, res), ...]."""
+    out = []
+    for item in filter(None, (i.strip() for i in k.extra_students.split(","))):
+        arch, _, res = item.partition("@")
+        if not res.isdigit():
+            raise ConfigError(f"distill.extra_students={k.extra_students!r} is not allowed: expected "
+                              "comma-separated ARCH@RESOLUTION entries such as 'bit-r50x1@160'")
+        out.append((arch, int(res)))
+    return out
+
+
+def member_resolutions(teacher: TeacherConfig) -> list[int]:
+    """The resolution of each teacher in the ensemble."""
+    if not teacher.member_resolutions.strip():
+        return [teacher.resolution] * max(1, len(split_uris(teacher.init)))
+    try:
+        return [int(r) for r in teacher.member_resolutions.split(",")]
+    except ValueError:
+        raise ConfigError(f"teacher.member_resolutions={teacher.member_resolutions!r} is not allowed: "
+                          "expected comma-separated integers such as '384,224'") from None
+
+
+def split_uris(init: str) -> list[str]:
+    """'none' → []; 'a.npz, b.npz' → ['a.npz', 'b.npz']."""
+    if init.strip().lower() in ("", "none"):
+        return []
+    return [u.strip() for u in init.split(",") if u.strip()]
+
+
+def describe_presets() -> dict[str, dict[str, Any]]:
+    """Every preset's description, expectation and fully resolved config (for `presets --json`)."""
+    out = {}
+    for name in preset_names():
+        cfg = load(name)
+        e = cfg.expected
+        images = cfg.distill.epochs * e.train_size
+        out[name] = {"description": cfg.description, "expected": dataclasses.asdict(e),
+                     "images_processed": images,
+                     "gpu_hours": round(images / e.img_per_s / 3600, 2) if e.img_per_s else None,
+                     "smoke": f"funmatch run --preset {name} --set smoke=true",
+                     "config": cfg.to_dict()}
+    return out

@@ -1,0 +1,210 @@
+"""Model zoo: BiT ResNet-v2 (GroupNorm + Weight Standardization) through timm, plus alternative students.
+
+Names: `bit-r{50x1,101x1,50x3,101x3,152x2,152x4}` are the BiT models of the paper (teacher R152x2,
+student R50x1); `bit-r18-mini` / `bit-r14-mini` are small BiT-style nets for CPU demos and tests;
+`resnet50` is torchvision's BatchNorm ResNet-50; `mobilenetv3-large-gn` is MobileNetV3-Large with
+GroupNorm (8 groups) as in the paper. Checkpoints: BiT `.npz` (original TF key layout, read by timm)
+or `.safetensors` (a state dict). Nothing here downloads.
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from funmatch.config.archs import ARCHS, check_arch
+from funmatch.errors import CheckpointError
+
+
+def create_model(arch: str, num_classes: int, *, stem_pool: str = "zero_pad", zero_head: bool = True,
+                 device: torch.device | str | None = None) -> nn.Module:
+    """A freshly initialised model; `zero_head` zeroes the classifier (uniform first predictions)."""
+    spec = check_arch("arch", arch)
+    if spec.family == "bit":
+        from timm.layers import GroupNormAct, StdConv2d
+        from timm.models.resnetv2 import ResNetV2
+
+        model = ResNetV2(
+            layers=list(spec.layers), channels=spec.channels, width_factor=spec.width,
+            stem_chs=spec.stem_chs * spec.width, basic=spec.basic, num_classes=num_classes,
+            # zero_pad: big_transfer's zero padding + VALID max-pool; neg_inf_pad: big_vision's
+            # bit_paper, whose max-pool pads with -inf (recipe.md §2.1).
+            stem_type="fixed" if stem_pool == "zero_pad" else "",
+            conv_layer=partial(StdConv2d, eps=1e-8),
+            norm_layer=partial(GroupNormAct, num_groups=spec.gn_groups),
+            device=device,
+        )
+    elif spec.family == "torchvision":
+        import torchvision
+
+        model = torchvision.models.resnet50(weights=None, num_classes=num_classes)
+    else:
+        import timm
+
+        model = timm.create_model("mobilenetv3_large_100", pretrained=False, num_classes=num_classes)
+        _batchnorm_to_groupnorm(model, spec.gn_groups)
+    if device is not None:
+        model.to(device)
+    if zero_head:
+        nn.init.zeros_(classifier(model).weight)
+        nn.init.zeros_(classifier(model).bias)
+    return model
+
+
+def _batchnorm_to_groupnorm(model: nn.Module, groups: int) -> None:
+    """Swaps timm's BatchNormAct2d for GroupNormAct with the same activation (the paper's MobileNet-GN)."""
+    from timm.layers import BatchNormAct2d, GroupNormAct
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, BatchNormAct2d):
+                gn = GroupNormAct(child.num_features, num_groups=groups, apply_act=False)
+                gn.act = child.act
+                setattr(module, name, gn)
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The final layer (timm models: get_classifier(); torchvision ResNet: fc)."""
+    return model.get_classifier() if hasattr(model, "get_classifier") else model.fc
+
+
+def head_classes(model: nn.Module) -> int:
+    head = classifier(model)
+    return head.out_channels if isinstance(head, nn.Conv2d) else head.out_features
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _npz_head_classes(path: str) -> int | None:
+    with np.load(path, allow_pickle=False) as z:
+        key = next((k for k in z.files if k.endswith("head/conv2d/kernel")), None)
+        return int(z[key].shape[-1]) if key else None
+
+
+def load_init(model: nn.Module, arch: str, path: str, *, load_head: bool) -> None:
+    """Loads a local `.npz` (BiT) or `.safetensors` file into `model`, checking every shape first.
+
+    `load_head=False` keeps the model's (new) head, as when fine-tuning for other classes.
+    Raises CheckpointError naming the first tensors that do not fit `arch`.
+    """
+    num_classes = head_classes(model)
+    if path.endswith(".npz"):
+        if ARCHS[arch].family != "bit" or ARCHS[arch].basic:
+            raise CheckpointError(f"{path}: BiT .npz checkpoints need a bottleneck BiT arch, not {arch}")
+        try:
+            head = _npz_head_classes(path)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable .npz checkpoint ({e})") from e
+        if load_head and head != num_classes:
+            raise CheckpointError(
+                f"{path}: head has {head} classes but the dataset has {num_classes}; "
+                "fine-tune it (teacher.finetune=true) or give a teacher trained for these classes")
+        reference = {k: v.shape for k, v in model.state_dict().items()}
+        try:
+            model.load_pretrained(path, prefix="resnet/")  # timm's BiT loader, allow_pickle=False
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path} does not fit {arch}: {e}") from e
+        changed = [k for k, v in model.state_dict().items() if v.shape != reference[k]]
+        if changed:
+            raise CheckpointError(f"{path} does not fit {arch}: shapes of {changed[:3]} differ")
+        return
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from e
+    own = model.state_dict()
+    head_keys = {k for k in own if _is_head_key(model, k)}
+    wanted = {k: v for k, v in own.items() if load_head or k not in head_keys}
+    missing = sorted(set(wanted) - set(state))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in wanted.items()
+             if k in state and state[k].shape != v.shape]
+    unexpected = sorted(set(state) - set(own))
+    if missing or wrong or unexpected:
+        head_mismatch = wrong and all(w.split()[0] in head_keys for w in wrong) and not missing
+        detail = "; ".join(filter(None, [
+            f"missing {missing[:3]}" if missing else "", f"shape {wrong[:3]}" if wrong else "",
+            f"unexpected {unexpected[:3]}" if unexpected else ""]))
+        hint = (" (only the head differs: set teacher.finetune=true to fine-tune it for these classes)"
+                if head_mismatch else "")
+        raise CheckpointError(f"{path} does not fit {arch} with {num_classes} classes: {detail}{hint}")
+    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
+
+
+def _is_head_key(model: nn.Module, key: str) -> bool:
+    head = classifier(model)
+    names = {f"{n}.{p}" for n, m in model.named_modules() if m is head for p in ("weight", "bias")}
+    return key in names
+
+
+def fold_weight_standardization(model: nn.Module) -> nn.Module:
+    """Replaces every StdConv2d by a plain Conv2d holding the standardised weights (in place).
+
+    Exact for inference; used for the frozen teacher (fewer ops per step) and the ONNX export.
+    """
+    from timm.layers import StdConv2d
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, StdConv2d):
+                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                 child.padding, child.dilation, child.groups, bias=child.bias is not None,
+                                 device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    w = child.weight.reshape(1, child.out_channels, -1)
+                    w = torch.nn.functional.batch_norm(w, None, None, training=True, momentum=0.0, eps=child.eps)
+                    conv.weight.copy_(w.reshape_as(child.weight))
+                    if child.bias is not None:
+                        conv.bias.copy_(child.bias)
+                setattr(module, child_name, conv)
+    return model
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+# ---------------------------------------------------------------- model artifacts
+
+def save_bundle(out_dir: str | Path, members: list[nn.Module], info: dict[str, Any]) -> None:
+    """A model artifact: `model.json` (arch, resolution, classes, ...) + one safetensors file per member."""
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, m in enumerate(members):
+        files.append(f"member-{i}.safetensors")
+        save_weights(m, out / files[-1])
+    (out / "model.json").write_text(json.dumps(info | {"members": files}, indent=1))
+
+
+def load_bundle(bundle_dir: str | Path, device: torch.device | str = "cpu") -> tuple[list[nn.Module], dict]:
+    """The models of an artifact written by `save_bundle`, in eval mode, and its info."""
+    import json
+
+    from safetensors.torch import load_file
+
+    bundle = Path(bundle_dir)
+    info = json.loads((bundle / "model.json").read_text())
+    members = []
+    for f in info["members"]:
+        m = create_model(info["arch"], len(info["classes"]), stem_pool=info.get("stem_pool", "zero_pad"),
+                         zero_head=False)
+        m.load_state_dict(load_file(str(bundle / f)))
+        members.append(m.to(device).eval())
+    return members, info
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients, weight standardisation folded: the teacher as distillation runs it."""
+    model.eval().requires_grad_(False)
+    return fold_weight_standardization(model)

@@ -1,0 +1,153 @@
+"""Stage 4, evaluation as in big_vision: student and teacher on minitrain, val and test.
+
+prec@1 for both models; student–teacher distances on logits at eval preprocessing (big_vision
+`proj.distill.distance`): agree@1 (same argmax), agree@5 (teacher's top-1 in the student's top-5),
+KL(teacher ‖ student) at t=1 and the logits' L2 distance. The teacher runs once per split. The test
+split adds per-class accuracy and the confusion matrix.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from funmatch import runtime
+from funmatch.data import prepared
+from funmatch.recipe import augment, models
+from funmatch.config import Config, EvalConfig
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict(members: list[nn.Module], images_u8: torch.Tensor, res: int | list[int], ev: EvalConfig,
+            device: torch.device) -> torch.Tensor:
+    """Logits (float32, CPU) of an ensemble (logits averaged; each member at its own resolution) on
+    eval views of uint8 NHWC images."""
+    resolutions = res if isinstance(res, list) else [res] * len(members)
+    out = []
+    for start in range(0, len(images_u8), ev.batch_size):
+        batch = images_u8[start:start + ev.batch_size].to(device)
+        views = {r: augment.eval_view(batch, r, ev.crop_pct) for r in set(resolutions)}
+        out.append(torch.stack([m(views[r]).float() for m, r in zip(members, resolutions)]).mean(0).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def resolutions(info: dict) -> list[int]:
+    """Per-member resolutions of a model artifact."""
+    return info.get("member_resolutions") or [info["resolution"]] * len(info["members"])
+
+
+def distances(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
+    top1_t = teacher.argmax(1)
+    top5_s = student.topk(min(5, student.shape[1]), dim=1).indices
+    kl = F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True, reduction="none").sum(1)
+    return {"agree@1": float((student.argmax(1) == top1_t).float().mean()),
+            "agree@5": float((top5_s == top1_t[:, None]).any(1).float().mean()),
+            "kl": float(kl.mean()), "l2": float((student - teacher).norm(dim=1).mean())}
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """rows: true class, columns: predicted class."""
+    return torch.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def gate(cfg: Config, metrics: dict) -> tuple[bool, str]:
+    """(passed, one line saying why) for the quality gate before export."""
+    s, t = metrics["student/test/prec@1"], metrics["teacher/test/prec@1"]
+    g = cfg.gate
+    if s < g.min_student_acc:
+        return False, f"student test prec@1 {s:.4f} < gate.min_student_acc={g.min_student_acc}"
+    if s < g.min_teacher_ratio * t:
+        return False, (f"student test prec@1 {s:.4f} < gate.min_teacher_ratio={g.min_teacher_ratio} × teacher "
+                       f"{t:.4f} = {g.min_teacher_ratio * t:.4f}")
+    return True, f"student test prec@1 {s:.4f} (teacher {t:.4f}) passes the gate"
+
+
+def report_html(metrics: dict, student_dir: Path, s_info: dict, t_info: dict, gate_reason: str) -> str:
+    """A self-contained HTML page for the Kubeflow UI: teacher/student table and training curves."""
+    import base64
+    import io
+
+    rows = "".join(
+        f"<tr><td>{split}</td><td>{metrics.get(f'teacher/{split}/prec@1', float('nan')):.4f}</td>"
+        f"<td>{metrics.get(f'student/{split}/prec@1', float('nan')):.4f}</td>"
+        f"<td>{metrics.get(f'student/{split}/agree@1', float('nan')):.4f}</td>"
+        f"<td>{metrics.get(f'student/{split}/kl', float('nan')):.4f}</td></tr>" for split in ("minitrain", "val", "test"))
+    history_file = student_dir / "history.json"
+    history = json.loads(history_file.read_text()) if history_file.exists() else []
+    img = ""
+    if history:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        axes[0].plot([h["step"] for h in history], [h["loss"] for h in history])
+        axes[0].set(xlabel="step", ylabel="KD loss", yscale="log", title="train loss")
+        val = [h for h in history if "val_prec@1" in h]
+        for key in ("val_prec@1", "val_agree@1"):
+            axes[1].plot([h["step"] for h in val], [h[key] for h in val], marker="o", label=key)
+        axes[1].set(xlabel="step", title="student on val")
+        axes[1].legend()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        img = f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return (f"<html><body><h3>funmatch: {t_info['arch']}@{t_info['resolution']} → "
+            f"{s_info['arch']}@{s_info['resolution']} ({s_info.get('setup', '')}, {s_info.get('steps', '?')} steps)</h3>"
+            f"<p>Quality gate: {gate_reason}</p><table border=1 cellpadding=4><tr><th>split</th><th>teacher prec@1"
+            f"</th><th>student prec@1</th><th>agree@1</th><th>KL</th></tr>{rows}</table>{img}</body></html>")
+
+
+def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
+        out_dir: str | Path) -> dict:
+    """Writes `metrics.json` and `confusion.json` into `out_dir`; returns the flat metrics."""
+    clock = runtime.Stopwatch()
+    device = runtime.setup(cfg.runtime)
+    teachers, t_info = models.load_bundle(teacher_dir, device)
+    students, s_info = models.load_bundle(student_dir, device)
+    extras = {}
+    for sub in s_info.get("extra_students", []):
+        members, e_info = models.load_bundle(Path(student_dir) / sub, device)
+        extras[f"{e_info['arch']}@{e_info['resolution']}"] = members, e_info
+    classes = prepared.read_manifest(dataset_dir)["classes"]
+    metrics: dict[str, float] = {}
+    confusion = None
+    for split in ("minitrain", "val", "test"):
+        images, labels = prepared.load_split(dataset_dir, "train" if split == "minitrain" else split,
+                                         limit=cfg.eval.minitrain_size if split == "minitrain" else None)
+        if len(labels) == 0:
+            continue
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        t_logits = predict(teachers, images, resolutions(t_info), cfg.eval, device)
+        s_logits = predict(students, images, s_info["resolution"], cfg.eval, device)
+        for name, (extra, e_info) in extras.items():  # more students of the same run
+            e_logits = predict(extra, images, e_info["resolution"], cfg.eval, device)
+            metrics[f"students/{name}/{split}/prec@1"] = float((e_logits.argmax(1) == labels).float().mean())
+            metrics.update({f"students/{name}/{split}/{k}": v for k, v in distances(e_logits, t_logits).items()})
+        metrics[f"teacher/{split}/prec@1"] = float((t_logits.argmax(1) == labels).float().mean())
+        metrics[f"student/{split}/prec@1"] = float((s_logits.argmax(1) == labels).float().mean())
+        metrics.update({f"student/{split}/{k}": v for k, v in distances(s_logits, t_logits).items()})
+        if split == "test":
+            confusion = confusion_matrix(s_logits.argmax(1), labels, len(classes))
+            per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+            metrics.update({f"student/test/class_prec@1/{c}": float(a) for c, a in zip(classes, per_class)})
+    metrics["evaluate/wall_s"] = clock()
+    passed, reason = gate(cfg, metrics)
+    metrics["gate/passed"] = float(passed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gate.json").write_text(json.dumps({"passed": passed, "reason": reason}))
+    (out / "report.html").write_text(report_html(metrics, Path(student_dir), s_info, t_info, reason))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "confusion.json").write_text(json.dumps({"classes": classes, "matrix": confusion.tolist()}))
+    log.info("teacher test prec@1 %.4f, student %.4f, agree@1 %.4f",
+             metrics["teacher/test/prec@1"], metrics["student/test/prec@1"], metrics["student/test/agree@1"])
+    return metrics

@@ -1,0 +1,155 @@
+"""Stage 5, export: the student as one self-contained ONNX file plus `model.json`, checked with onnxruntime.
+
+Weight standardisation is folded into plain conv weights first, the batch axis is dynamic, and the
+ONNX model must reproduce PyTorch's logits on real test images within `export.max_abs_diff`.
+`model.json` tells a consumer with nothing else how to feed the model; `metrics.json` gathers the
+evaluation, the export check and the stage timings.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from funmatch import __version__, runtime
+from funmatch.data import prepared
+from funmatch.recipe import augment, models
+from funmatch.stages import quantize
+from funmatch.config import Config
+from funmatch.errors import FunmatchError
+
+log = logging.getLogger(__name__)
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+RESULT_FILES = ("model.onnx", "model.json", "metrics.json")
+CHECK_IMAGES = 64
+
+
+def to_onnx(model: torch.nn.Module, res: int, path: Path, opset: int) -> None:
+    model = models.fold_weight_standardization(model.eval())
+    example = torch.zeros(2, 3, res, res)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          opset_version=opset, dynamo=True, external_data=False, optimize=True, verbose=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
+
+
+def max_abs_diff(model: torch.nn.Module, onnx_path: Path, x: torch.Tensor) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    return float(np.abs(got - want).max())
+
+
+def model_card(cfg: Config, info: dict, metrics: dict) -> dict:
+    res, crop_pct = info["resolution"], info["crop_pct"]
+    return {
+        "format": "funmatch-model/1",
+        "file": "model.onnx",
+        "classes": info["classes"],
+        "input": {"name": INPUT_NAME, "shape": ["batch", 3, res, res], "dtype": "float32", "layout": "NCHW"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(info["classes"])], "dtype": "float32",
+                   "meaning": "logits in the order of `classes` (softmax for probabilities)"},
+        "preprocessing": {
+            "color": "RGB (grayscale, palette, RGBA over white and CMYK converted to RGB; EXIF orientation applied)",
+            "resize": {"short_side": int(round(res / crop_pct)), "interpolation": "bilinear", "antialias": True},
+            "center_crop": res,
+            "value_range": [-1.0, 1.0],
+            "formula": "x = pixel_uint8 / 127.5 - 1 (i.e. mean 0.5, std 0.5 on [0, 1]), channels first",
+        },
+        "student": {"arch": info["arch"], "resolution": res, "setup": info["setup"], "steps": info["steps"],
+                    "epochs": info["epochs"]},
+        "teacher": {"arch": info["teacher"], "resolution": info["teacher_resolution"]},
+        "metrics": {k: metrics[k] for k in ("student/test/prec@1", "teacher/test/prec@1", "student/test/agree@1")
+                    if k in metrics},
+        "preset": cfg.preset,
+        "config_hash": info["config_hash"],
+        "package": {"name": "funmatch", "version": __version__},
+    }
+
+
+def result_files(bundle_dir: str | Path) -> tuple[str, ...]:
+    """RESULT_FILES plus model.int8.onnx when the export wrote (i.e. accepted) it, plus the ONNX files
+    of a run's further students (model-<arch>-<res>.onnx)."""
+    int8 = (quantize.INT8_FILE,) if (Path(bundle_dir) / quantize.INT8_FILE).is_file() else ()
+    extras = tuple(sorted(p.name for p in Path(bundle_dir).glob("model-*.onnx")))
+    return RESULT_FILES[:1] + int8 + extras + RESULT_FILES[1:]
+
+
+def publish(bundle_dir: str | Path, uri: str) -> str:
+    """Copies the result files to a directory or gs:// prefix, SHA256SUMS last (its presence marks a
+    complete publication); `gs://<bucket>/models/<name>` gets a new immutable version and a moved
+    latest.json (funmatch/publish.py). Returns where the files are."""
+    from funmatch.storage import publish as registry
+
+    return registry.publish(bundle_dir, uri, files=result_files(bundle_dir)).uri
+
+
+def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, metrics_path: str | Path,
+        out_dir: str | Path, stage_wall_s: dict[str, float] | None = None) -> dict:
+    """Writes model.onnx, model.json and metrics.json (and model.int8.onnx with export.int8, unless it
+    loses more than export.max_int8_drop) into `out_dir`; returns the metrics."""
+    clock = runtime.Stopwatch()
+    runtime.setup(cfg.runtime)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / quantize.INT8_FILE).unlink(missing_ok=True)  # only this run's INT8 model may be published
+    for stale in out.glob("model-*.onnx"):
+        stale.unlink()
+    (student,), info = models.load_bundle(student_dir, "cpu")
+    res = info["resolution"]
+    to_onnx(student, res, out / "model.onnx", cfg.export.opset)
+
+    images, labels = prepared.load_split(dataset_dir, "test")
+    x = augment.eval_view(torch.from_numpy(images[:CHECK_IMAGES]), res, info["crop_pct"])
+    (reference,), _ = models.load_bundle(student_dir, "cpu")  # unfolded: the model as trained
+    diff = max_abs_diff(reference, out / "model.onnx", x)
+    if diff > cfg.export.max_abs_diff:
+        raise FunmatchError(f"ONNX logits differ from PyTorch by {diff:.2e} on {len(x)} test images, "
+                            f"more than export.max_abs_diff={cfg.export.max_abs_diff}")
+
+    extra_models = []
+    for sub in info.get("extra_students", []):  # every student of the run gets its own ONNX file
+        (extra,), e_info = models.load_bundle(Path(student_dir) / sub, "cpu")
+        name = f"model-{e_info['arch']}-{e_info['resolution']}.onnx"
+        to_onnx(extra, e_info["resolution"], out / name, cfg.export.opset)
+        (reference,), _ = models.load_bundle(Path(student_dir) / sub, "cpu")
+        x_e = augment.eval_view(torch.from_numpy(images[:CHECK_IMAGES]), e_info["resolution"], e_info["crop_pct"])
+        e_diff = max_abs_diff(reference, out / name, x_e)
+        if e_diff > cfg.export.max_abs_diff:
+            raise FunmatchError(f"{name}: ONNX logits differ from PyTorch by {e_diff:.2e}, more than "
+                                f"export.max_abs_diff={cfg.export.max_abs_diff}")
+        diff = max(diff, e_diff)
+        extra_models.append({"file": name, "arch": e_info["arch"], "resolution": e_info["resolution"]})
+
+    metrics = json.loads(Path(metrics_path).read_text())
+    metrics["export/onnx_max_abs_diff"] = diff
+    metrics["export/onnx_bytes"] = (out / "model.onnx").stat().st_size
+    int8_card = None
+    if cfg.export.int8:
+        int8_metrics, int8_card = quantize.export_int8(cfg, dataset_dir, out, images, labels, res, info["crop_pct"],
+                                                       INPUT_NAME)
+        metrics.update(int8_metrics)
+    metrics["export/wall_s"] = clock()
+    walls = (stage_wall_s or {}) | {"evaluate": metrics.get("evaluate/wall_s", 0.0), "export": metrics["export/wall_s"]}
+    metrics.update({f"{stage}/wall_s": w for stage, w in walls.items()})
+    metrics["wall_s"] = round(sum(walls.values()), 3)  # stage compute; `funmatch run` replaces it with end-to-end
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    from funmatch.storage.publish import provenance  # dataset manifest hash, git commit, created time
+
+    card = model_card(cfg, info, metrics) | provenance(dataset_dir)
+    if int8_card:
+        card["int8"] = int8_card
+    if extra_models:
+        card["extra_models"] = extra_models  # same classes, input name and preprocessing at their resolution
+    (out / "model.json").write_text(json.dumps(card, indent=1))
+    log.info("exported %s (%d bytes), ONNX vs PyTorch max abs diff %.2e", out / "model.onnx",
+             metrics["export/onnx_bytes"], diff)
+    return metrics
