@@ -27,9 +27,10 @@ def prepare_data(
     accelerator_count: int,
     dataset: Output[Dataset],
 ) -> NamedTuple("Outputs", [("config", str)]):
-    """Resolves the config from the UI parameters and prepares the dataset artifact."""
-    arguments = dict(locals())
+    """Resolves the config from the UI parameters (`funmatch.config.pipeline_parameters()`, every one of
+    them, or the task fails naming the difference) and prepares the dataset artifact."""
+    parameters = dict(locals())  # first: the arguments only
+    del parameters["config_json"], parameters["dataset"]
     from funmatch.launch import tasks
 
-    parameters = {k: v for k, v in arguments.items() if k in tasks.UI_PARAMETERS}
     return (tasks.prepare_data(config_json, parameters, dataset),)

@@ -19,7 +19,7 @@ from components.given_teacher import given_teacher
 from components.prepare_data import prepare_data
 from components.quality_gate import quality_gate_stop
 from components.train_teacher import train_teacher
-from funmatch.config import Config
+from funmatch.config import Config, pipeline_parameters
 
 PIPELINE_NAME = "funmatch"
 
@@ -52,7 +52,8 @@ def build(cfg: Config):
                                 accelerator_type: str, accelerator_count: int, publish_uri: str):
         """Stages 3-5 for one teacher artifact."""
         student = distill(config=config, dataset=dataset, teacher=teacher, checkpoint_root=checkpoint_root,
-                          accelerator=accelerator_type, num_accelerators=accelerator_count)
+                          accelerator=accelerator_type, num_accelerators=accelerator_count,
+                          trainjob_image=cuda_image)
         on_gpu_pool(student.set_display_name("distill"), accelerator_type, accelerator_count,
                     launcher=k.num_nodes > 1)
         report = evaluate(config=config, dataset=dataset, teacher=teacher, student=student.outputs["student"])
@@ -69,6 +70,9 @@ def build(cfg: Config):
             stop.set_display_name("quality gate: stop").set_container_image(cpu_image)
             stop.set_caching_options(False)
 
+    # The UI parameters are the config keys declared `setting(parameter=...)`: this signature lists them
+    # (KFP reads it) with the preset's values; tests/pipelines/test_parameters.py proves it equals the
+    # declaration, and the data prep task refuses any difference at run time.
     @dsl.pipeline(name=PIPELINE_NAME, description=f"funmatch distillation ({cfg.preset}): {cfg.description}")
     def funmatch(
         config_json: str = cfg.to_json(),
@@ -90,14 +94,10 @@ def build(cfg: Config):
         checkpoint_root: str = cfg.runtime.checkpoint_dir,
         publish_uri: str = "",
     ):
-        prep = prepare_data(
-            config_json=config_json, data_source=data_source, teacher_arch=teacher_arch,
-            teacher_init=teacher_init, teacher_resolution=teacher_resolution, teacher_finetune=teacher_finetune,
-            student_arch=student_arch, student_resolution=student_resolution, distill_setup=distill_setup,
-            distill_epochs=distill_epochs, distill_batch_size=distill_batch_size, distill_lr=distill_lr,
-            distill_weight_decay=distill_weight_decay, distill_temperature=distill_temperature,
-            accelerator_type=accelerator_type, accelerator_count=accelerator_count,
-        ).set_display_name("data prep").set_container_image(cpu_image)
+        arguments = locals()
+        ui = {name: arguments[name] for name in pipeline_parameters()}
+        prep = prepare_data(config_json=config_json, **ui)
+        prep.set_display_name("data prep").set_container_image(cpu_image)
         resolved, dataset = prep.outputs["config"], prep.outputs["dataset"]
         rest = dict(config=resolved, dataset=dataset, checkpoint_root=checkpoint_root,
                     accelerator_type=accelerator_type, accelerator_count=accelerator_count, publish_uri=publish_uri)

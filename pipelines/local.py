@@ -5,41 +5,121 @@ The export stage publishes model.onnx, model.json and metrics.json into the outp
 Finished tasks are reused through kfp.local's cache under `<output>/.kfp_cache`, and the distill
 stage resumes from `<output>/checkpoints`, so re-running with the same output directory continues
 where a crashed run stopped.
+
+kfp.local prints every task's executor input and streamed log; all of it goes to `<output>/run.log`,
+and the console shows one line per task (its progress while it runs, its time when done), warnings,
+and a failed task's error as one line (`verbose=True`: everything, as kfp.local prints it).
 """
+from __future__ import annotations
+
+import contextlib
 import json
+import re
+import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TextIO
 
 from kfp import local
 
 from funmatch.config import Config
-from funmatch.errors import FunmatchError
+from funmatch.errors import FunmatchError, QualityGateStop
 from pipelines.funmatch_pipeline import build, compile_pipeline
 
+LOG_FILE = "run.log"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TASK = r"'(?P<task>[\w-]+)'"
+_STARTED = re.compile(rf"Executing task {_TASK}")
+_FINISHED = re.compile(rf"Task {_TASK} finished with status (?P<status>\w+)")
+_CACHED = re.compile(rf"Task {_TASK} cache hit")
+_PROGRESS = re.compile(r"^\s*(?P<label>[\w -]+):\s+\d+%\|")
+_ERROR = re.compile(r"^\s*(?:\w+\.)*(?P<kind>[A-Z]\w*): (?P<message>.+)$")  # a traceback's last line
+_WARNING = re.compile(r"\bWARNING\b|\w+Warning: ")
 
-def run(cfg: Config, output: str | Path) -> dict:
+
+class Console:
+    """A file-like sink for kfp.local's output: everything into the log, a summary onto `out`."""
+
+    def __init__(self, log: TextIO, out: TextIO, verbose: bool = False) -> None:
+        self.log, self.out, self.verbose = log, out, verbose
+        self.live = out.isatty()
+        self.task, self.started, self.pending = "", 0.0, ""
+        self.errors: dict[str, str] = {}  # task -> its last one-line error
+        self.width = shutil.get_terminal_size((100, 20)).columns - 1
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        if self.verbose:
+            self.out.write(text)
+            return len(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self._line(_ANSI.sub("", line))
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.out.flush()
+
+    def _line(self, line: str) -> None:
+        if m := _STARTED.search(line):
+            self.task, self.started = m["task"], time.perf_counter()
+            self._show(f"  {self.task:<20} …", final=False)
+        elif m := _CACHED.search(line):
+            self._show(f"  {m['task']:<20} cached", final=True)
+            self.task = ""
+        elif m := _FINISHED.search(line):
+            status = "done" if m["status"] == "SUCCESS" else "FAILED"
+            self._show(f"  {m['task']:<20} {status} in {time.perf_counter() - self.started:.0f}s", final=True)
+            self.task = ""
+        elif self.task and (m := _ERROR.match(line)):
+            self.errors[self.task] = m["message"].strip()
+        elif self.task and _PROGRESS.match(line):
+            self._show(f"  {self.task:<20} {line.strip()}", final=False)
+        elif _WARNING.search(line):
+            self._show(f"  warning: {line.strip()[:self.width - 11]}", final=True)
+
+    def _show(self, text: str, final: bool) -> None:
+        if self.live:
+            self.out.write("\r\x1b[K" + text[:self.width] + ("\n" if final else ""))
+        elif final:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+
+def run(cfg: Config, output: str | Path, verbose: bool = False, out: TextIO | None = None) -> dict:
     """Compiles and runs the pipeline into `output`; returns the metrics."""
     start = time.perf_counter()
-    out = Path(output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    compile_pipeline(cfg, str(out / "pipeline.yaml"))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out / "pipeline_root"),
-               enable_caching=True, cache_root=str(out / ".kfp_cache"), raise_on_error=True)
-    for stale in [*out.glob("model*.onnx"), out / "model.json", out / "metrics.json", out / "SHA256SUMS"]:
+    target = Path(output).resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    compile_pipeline(cfg, str(target / "pipeline.yaml"))
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(target / "pipeline_root"),
+               enable_caching=True, cache_root=str(target / ".kfp_cache"), raise_on_error=True)
+    for stale in [*target.glob("model*.onnx"), target / "model.json", target / "metrics.json", target / "SHA256SUMS"]:
         stale.unlink(missing_ok=True)  # what is there afterwards is this run's (INT8, extra students too)
-    started = time.time()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "base_image ignored", "accelerator settings ignored locally"
-        try:
-            build(cfg)(checkpoint_root=cfg.runtime.checkpoint_dir or str(out / "checkpoints"), publish_uri=str(out))
-        except RuntimeError:
-            verdicts = [p for p in (out / "pipeline_root").glob("*/**/report/gate.json") if p.stat().st_mtime >= started]
-            verdict = json.loads(verdicts[0].read_text()) if verdicts else {"passed": True}
-            if not verdict["passed"]:
-                raise FunmatchError(f"the quality gate stopped the run before export: {verdict['reason']}") from None
-            raise
-    metrics = json.loads((out / "metrics.json").read_text())
+    with open(target / LOG_FILE, "w") as log:
+        console = Console(log, out or sys.stdout, verbose)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            warnings.simplefilter("ignore")  # "base_image ignored", "accelerator settings ignored locally"
+            try:
+                build(cfg)(checkpoint_root=cfg.runtime.checkpoint_dir or str(target / "checkpoints"),
+                           publish_uri=str(target))
+            except RuntimeError as e:
+                raise FunmatchError(_failure(str(e), console.errors, target / LOG_FILE)) from None
+    metrics = json.loads((target / "metrics.json").read_text())
     metrics["wall_s"] = round(time.perf_counter() - start, 1)  # end to end, as the user waited
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    (target / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     return metrics
+
+
+def _failure(kfp_message: str, errors: dict[str, str], log: Path) -> str:
+    """One line: the failed task's own error (the quality gate's verdict when the gate stopped the run)."""
+    failed = re.findall(r"'([\w-]+)'", _ANSI.sub("", kfp_message.split("Inner task failed:")[-1]))
+    task = failed[0] if failed else ""
+    error = errors.get(task, "")
+    if error.startswith(QualityGateStop.PREFIX):
+        return f"the quality gate stopped the run before export:{error[len(QualityGateStop.PREFIX) + 1:]}"
+    return f"task {task or '?'} failed: {error or 'see the log'} (full log: {log})"

@@ -19,11 +19,7 @@ def _artifact(cls, path):
 
 def test_components_chain(tmp_path):
     cfg = config.load("demo-tiny")
-    ui = {"data_source": "demo", "teacher_arch": "bit-r18-mini", "teacher_init": "none", "teacher_resolution": 32,
-          "teacher_finetune": True, "student_arch": "bit-r14-mini", "student_resolution": 32,
-          "distill_setup": "funmatch", "distill_epochs": 0.1, "distill_batch_size": 64, "distill_lr": 0.01,
-          "distill_weight_decay": 1e-4, "distill_temperature": 2.0, "accelerator_type": "nvidia.com/gpu",
-          "accelerator_count": 1}
+    ui = {name: config.get(cfg, key) for name, key in config.pipeline_parameters().items()} | {"distill_epochs": 0.1}
     dataset = _artifact(dsl.Dataset, tmp_path / "dataset")
     (resolved,) = prepare_data.python_func(config_json=cfg.to_json(), dataset=dataset, **ui)
     assert json.loads(resolved)["distill"]["epochs"] == 0.1  # the UI parameter won
@@ -42,7 +38,7 @@ def test_components_chain(tmp_path):
 
     student = _artifact(dsl.Model, tmp_path / "student")
     distill.python_func(config=resolved, dataset=dataset, teacher=teacher, checkpoint_root=str(tmp_path / "ckpt"),
-                        accelerator="nvidia.com/gpu", num_accelerators=1, student=student)
+                        accelerator="nvidia.com/gpu", num_accelerators=1, trainjob_image="unused", student=student)
     assert student.metadata["steps"] == 13
     assert list((tmp_path / "ckpt").glob("*/distill/ckpt-000000013.json"))
 

@@ -27,6 +27,10 @@ def test_ir_has_the_stages_and_gpu_settings_on_the_two_gpu_tasks(ir):
         "exec-export", "exec-quality-gate-stop"}
     gpu = {n for n, e in execs.items() if e["container"].get("resources", {}).get("accelerator")}
     assert gpu == {"exec-train-teacher", "exec-distill", "exec-distill-2"}
+    distill_tasks = [t for c in spec["components"].values() for t in c.get("dag", {}).get("tasks", {}).values()
+                     if t["componentRef"]["name"] in ("comp-distill", "comp-distill-2")]
+    assert {t["inputs"]["parameters"]["trainjob_image"]["runtimeValue"]["constant"] for t in distill_tasks} == \
+        {execs["exec-distill"]["container"]["image"]}  # a TrainJob's pods run the distill task's image
     for name in gpu:
         acc = execs[name]["container"]["resources"]["accelerator"]
         assert "accelerator_count" in acc["resourceCount"] and "accelerator_type" in acc["resourceType"]
@@ -72,7 +76,9 @@ def test_whole_dag_runs_locally_and_reruns_from_cache(tmp_path, capsys):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["export/onnx_max_abs_diff"] <= 1e-3 and metrics["wall_s"] > 0
     assert "student/test/agree@1" in metrics
-    assert "model.onnx" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "model.onnx" in out and len(out.splitlines()) <= 10, out  # one line per task and the summary
+    assert "executor_input" in (tmp_path / "run" / "run.log").read_text()  # kfp.local's whole output
 
     start = time.perf_counter()
     assert cli.main(["run", "--preset", "demo-tiny", "--output", str(tmp_path / "run")]) == 0
@@ -98,7 +104,8 @@ def test_quality_gate_in_ir_and_stop_says_why(ir, tmp_path, capsys):
             "--set", "distill.epochs=0.05", "--set", "distill.warmup_steps=1"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert "quality gate" in err and "gate.min_student_acc=0.99" in err
+    assert err.startswith("funmatch: error: the quality gate stopped the run before export: student test prec@1")
+    assert "gate.min_student_acc=0.99" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run" / "model.onnx").exists()  # nothing exported or published
 
 

@@ -28,9 +28,7 @@ def int8_cfg(tiny_cfg):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, int8_cfg, dataset_dir, student_dir):
     out = tmp_path_factory.mktemp("export")
-    metrics_in = out / "eval-metrics.json"
-    metrics_in.write_text(json.dumps({"student/test/prec@1": 0.5}))
-    metrics = export.run(int8_cfg, dataset_dir, student_dir, metrics_in, out / "model")
+    metrics = export.run(int8_cfg, dataset_dir, student_dir, {"student/test/prec@1": 0.5}, out / "model").metrics
     return out / "model", metrics
 
 
@@ -60,7 +58,7 @@ def test_int8_model_is_qdq_per_channel_and_published(exported, tmp_path):
     for key in ("export/int8/test/prec@1", "export/fp32/test/prec@1", "export/int8_bytes"):
         assert saved[key] == metrics[key]
 
-    export.publish(out, str(tmp_path / "pub"))
+    export.publish_result(out, str(tmp_path / "pub"))
     sums = (tmp_path / "pub" / "SHA256SUMS").read_text().splitlines()
     assert [line.split()[1] for line in sums] == ["model.onnx", quantize.INT8_FILE, "model.json", "metrics.json"]
     assert (tmp_path / "pub" / quantize.INT8_FILE).read_bytes() == path.read_bytes()
@@ -91,10 +89,8 @@ def test_int8_refusal_keeps_fp32_export(tmp_path, int8_cfg, dataset_dir, student
     monkeypatch.setattr(quantize, "calibration_batches", lambda *a, **kw: [b * 1000 for b in real(*a, **kw)])
     cfg = copy.deepcopy(int8_cfg)
     cfg.export.calibration_images = 32
-    metrics_in = tmp_path / "eval-metrics.json"
-    metrics_in.write_text(json.dumps({"student/test/prec@1": 0.5}))
     out = tmp_path / "model"
-    metrics = export.run(cfg, dataset_dir, student_dir, metrics_in, out)
+    metrics = export.run(cfg, dataset_dir, student_dir, {"student/test/prec@1": 0.5}, out).metrics
     drop = metrics["export/fp32/test/prec@1"] - metrics["export/int8/test/prec@1"]
     assert drop > cfg.export.max_int8_drop
     assert "more than export.max_int8_drop=0.01" in metrics["export/int8_refused"]
@@ -102,7 +98,7 @@ def test_int8_refusal_keeps_fp32_export(tmp_path, int8_cfg, dataset_dir, student
     assert (out / "model.onnx").is_file() and metrics["export/onnx_max_abs_diff"] <= 1e-3
     assert "int8" not in json.loads((out / "model.json").read_text())
     assert json.loads((out / "metrics.json").read_text())["export/int8_refused"] == metrics["export/int8_refused"]
-    export.publish(out, str(tmp_path / "pub"))
+    export.publish_result(out, str(tmp_path / "pub"))
     assert not (tmp_path / "pub" / quantize.INT8_FILE).exists()
 
 

@@ -74,17 +74,25 @@ def test_resume_from_checkpoint_gives_identical_weights(tmp_path, tiny_cfg, data
 
 
 def test_evaluate_and_export(tmp_path, tiny_cfg, dataset_dir, teacher_dir, student_dir):
-    metrics = evaluate.run(tiny_cfg, dataset_dir, teacher_dir, student_dir, tmp_path / "eval")
+    result = evaluate.run(tiny_cfg, dataset_dir, teacher_dir, student_dir)
+    metrics = result.metrics
     for split in ("minitrain", "val", "test"):
         for key in ("prec@1", "agree@1", "agree@5", "kl", "l2"):
             assert f"student/{split}/{key}" in metrics
         assert f"teacher/{split}/prec@1" in metrics
+    assert np.asarray(result.confusion).sum() == 2000 and len(result.classes) == 10
+    assert result.gate_passed == (metrics["gate/passed"] == 1.0) and "prec@1" in result.gate_reason
+    result.write(tmp_path / "eval")
     confusion = json.loads((tmp_path / "eval" / "confusion.json").read_text())
-    assert np.asarray(confusion["matrix"]).sum() == 2000
+    assert confusion["matrix"] == result.confusion
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
 
     out = tmp_path / "export"
-    m = export.run(tiny_cfg, dataset_dir, student_dir, tmp_path / "eval" / "metrics.json", out, {"distill": 1.0})
+    exported = export.run(tiny_cfg, dataset_dir, student_dir, metrics, out, {"distill": 1.0})
+    m = exported.metrics
     assert m["export/onnx_max_abs_diff"] <= 1e-3 and m["wall_s"] > 1.0
+    assert exported.files == ("model.onnx", "model.json", "metrics.json")
+    assert json.loads((out / "metrics.json").read_text()) == m
     card = json.loads((out / "model.json").read_text())
     assert card["classes"][0] == "T-shirt/top" and card["input"]["shape"] == ["batch", 3, 32, 32]
     assert card["preprocessing"]["value_range"] == [-1.0, 1.0]
@@ -93,7 +101,7 @@ def test_evaluate_and_export(tmp_path, tiny_cfg, dataset_dir, teacher_dir, stude
     for batch in (1, 5):  # dynamic batch axis
         assert session.run(None, {"image": np.zeros((batch, 3, 32, 32), np.float32)})[0].shape == (batch, 10)
 
-    export.publish(out, str(tmp_path / "published"))
+    export.publish_result(out, str(tmp_path / "published"))
     sums = (tmp_path / "published" / "SHA256SUMS").read_text().splitlines()
     assert [line.split()[1] for line in sums] == ["model.onnx", "model.json", "metrics.json"]
 
@@ -137,9 +145,9 @@ def test_extra_students_are_evaluated_and_exported(tmp_path, dataset_dir, teache
     cfg = config.load("demo-tiny", ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0",
                                     "distill.extra_students=bit-r14-mini@64"])
     distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "s")
-    metrics = evaluate.run(cfg, dataset_dir, teacher_dir, tmp_path / "s", tmp_path / "e")
+    metrics = evaluate.run(cfg, dataset_dir, teacher_dir, tmp_path / "s").metrics
     assert "students/bit-r14-mini@64/test/prec@1" in metrics and "students/bit-r14-mini@64/test/agree@1" in metrics
-    export.run(cfg, dataset_dir, tmp_path / "s", tmp_path / "e" / "metrics.json", tmp_path / "x")
+    export.run(cfg, dataset_dir, tmp_path / "s", metrics, tmp_path / "x")
     card = json.loads((tmp_path / "x" / "model.json").read_text())
     assert card["extra_models"] == [{"file": "model-bit-r14-mini-64.onnx", "arch": "bit-r14-mini", "resolution": 64}]
     session = ort.InferenceSession(str(tmp_path / "x" / "model-bit-r14-mini-64.onnx"), providers=["CPUExecutionProvider"])
@@ -154,8 +162,8 @@ def test_readme_consumer_snippet_runs_on_an_export(tmp_path, tiny_cfg, dataset_d
 
     from PIL import Image
 
-    evaluate.run(tiny_cfg, dataset_dir, teacher_dir, student_dir, tmp_path / "eval")
-    export.run(tiny_cfg, dataset_dir, student_dir, tmp_path / "eval" / "metrics.json", tmp_path / "demo")
+    metrics = evaluate.run(tiny_cfg, dataset_dir, teacher_dir, student_dir).metrics
+    export.run(tiny_cfg, dataset_dir, student_dir, metrics, tmp_path / "demo")
     Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "photo.jpg")
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     snippet = re.search(r"```python\n(import json, numpy.*?)```", readme, re.S).group(1)

@@ -186,7 +186,7 @@ def test_tasks_distill_needs_a_gcs_checkpoint_root(tmp_path):
     student = _artifact(dsl.Model, tmp_path / "student")
     with pytest.raises(ConfigError, match="gs://"):
         tasks.distill(cfg.to_json(), _artifact(dsl.Dataset, tmp_path / "ds"), _artifact(dsl.Model, tmp_path / "t"),
-                      str(tmp_path / "ckpt"), "nvidia.com/gpu", 8, student)
+                      str(tmp_path / "ckpt"), "nvidia.com/gpu", 8, image("cuda"), student)
     assert not (tmp_path / "student").exists()
 
 
@@ -203,10 +203,10 @@ def test_tasks_distill_launches_a_trainjob(tmp_path, monkeypatch):
     dataset = _artifact(dsl.Dataset, tmp_path / "ds", uri="gs://pipelines/run-1/prep/dataset")
     teacher = _artifact(dsl.Model, tmp_path / "teacher", uri="s3://minio/run-1/teacher")
     student = _artifact(dsl.Model, tmp_path / "student", uri="gs://pipelines/run-1/distill/student")
-    tasks.distill(cfg.to_json(), dataset, teacher, "gs://ckpt/root/", "nvidia.com/gpu", 4, student)
+    tasks.distill(cfg.to_json(), dataset, teacher, "gs://ckpt/root/", "nvidia.com/gpu", 4, "reg.io/x/cuda:7", student)
     used = seen["cfg"]
     assert used.resources.accelerator_count == 4 and used.distill.num_nodes == 2  # the task's accelerators
-    assert seen["image"] == image("cuda", cfg.resources.image)
+    assert seen["image"] == "reg.io/x/cuda:7"  # the image the pipeline gave the distill task
     assert seen["checkpoint_dir"] == f"gs://ckpt/root/{used.hash()}/distill"  # as on one node
     assert seen["shared_root"] == f"gs://ckpt/root/{used.hash()}/trainjob"
     assert seen["dataset"] == "gs://pipelines/run-1/prep/dataset"  # read in place by the pods

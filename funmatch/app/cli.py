@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
                                      "DIR reuses finished stages and resumes an interrupted distillation.")
     _config_args(run)
     run.add_argument("--output", default="funmatch-run", metavar="DIR", help="output directory (default: funmatch-run)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show kfp.local's whole output (by default it goes to DIR/run.log; one line per stage here)")
 
     comp = sub.add_parser("compile", help="write the KFP IR YAML to upload in the Kubeflow UI")
     _config_args(comp)
@@ -173,11 +175,12 @@ def preflight(cfg: config.Config) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = config.load(args.preset, args.overrides)
     preflight(cfg)
-    from pipelines import local  # needs kfp; imported only here
+    from pipelines import local  # kfp: loaded by the commands that use it
 
-    metrics = local.run(cfg, args.output)
     out = Path(args.output).resolve()
-    print(f"\nfunmatch: model in {out}/model.onnx (card: model.json, metrics: metrics.json)")
+    print(f"funmatch: preset {cfg.preset} (config {cfg.hash()}) into {out}; full log: {out / local.LOG_FILE}")
+    metrics = local.run(cfg, out, verbose=args.verbose)
+    print(f"funmatch: model in {out}/model.onnx (card: model.json, metrics: metrics.json)")
     print(f"  teacher test prec@1 {metrics['teacher/test/prec@1']:.4f} | student test prec@1 "
           f"{metrics['student/test/prec@1']:.4f} | agree@1 {metrics['student/test/agree@1']:.4f} | "
           f"kl {metrics['student/test/kl']:.4f} | onnx diff {metrics['export/onnx_max_abs_diff']:.1e} | "

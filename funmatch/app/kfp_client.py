@@ -36,6 +36,7 @@ from pathlib import Path
 
 from funmatch import __version__, config
 from funmatch.errors import FunmatchError
+from pipelines.funmatch_pipeline import compile_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -186,18 +187,11 @@ def _pages(list_call, field: str):
 
 
 def pipeline_version_name(cfg: config.Config) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', __version__)}-{full_hash(cfg)}"
-
-
-def full_hash(cfg: config.Config) -> str:
-    """Short sha256 of the whole config: every key lands in the IR (cfg.hash() skips what does not change
-    the result, e.g. resources and logging, which still change the pipeline)."""
-    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', __version__)}-{cfg.hash(everything=True)}"
 
 
 def compile_ir(cfg: config.Config, directory: str) -> tuple[str, str]:
     """(path of the compiled IR YAML, its sha256)."""
-    from pipelines.funmatch_pipeline import compile_pipeline  # needs kfp: only here
 
     path = os.path.join(directory, "pipeline.yaml")
     with warnings.catch_warnings():
@@ -217,7 +211,7 @@ def ensure_version(client, host: str, cfg: config.Config, package: str, ir_sha: 
                                                  description="funmatch: patient and consistent distillation").pipeline_id
     existing = _find_version(client, host, pipeline_id, name)
     if existing is None:
-        description = f"funmatch {__version__}, preset {cfg.preset}, config {full_hash(cfg)}; IR sha256 {ir_sha}"
+        description = f"funmatch {__version__}, preset {cfg.preset}, config {cfg.hash(everything=True)}; IR sha256 {ir_sha}"
         try:
             with _api_errors(host, f"upload pipeline version {name!r}"):
                 version = client.upload_pipeline_version(package, name, pipeline_id=pipeline_id,
@@ -271,7 +265,7 @@ def submit(host: str, cfg: config.Config, experiment: str = DEFAULT_EXPERIMENT, 
     """Uploads (or reuses) the pipeline version for `cfg` and starts a run; returns ids and the run's URL."""
     client, host, version, exp = _version_and_experiment(host, cfg, experiment, namespace)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_name = f"funmatch-{cfg.preset}-{full_hash(cfg)[:8]}-{stamp}"
+    run_name = f"funmatch-{cfg.preset}-{cfg.hash(everything=True)[:8]}-{stamp}"
     with _api_errors(host, f"start run {run_name!r}"):
         run = client.run_pipeline(exp.experiment_id, run_name, pipeline_id=version["pipeline_id"],
                                   version_id=version["version_id"], params=_params(publish_uri))

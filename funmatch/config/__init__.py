@@ -22,11 +22,6 @@ from funmatch.config import archs
 from funmatch.errors import ConfigError
 
 SETUPS = ("fixed", "independent", "consistent", "funmatch")
-NOT_HASHED = {"distill.log_every", "distill.eval_every", "distill.checkpoint_every_steps",
-              "distill.checkpoint_every_minutes", "distill.keep_checkpoints", "distill.num_nodes",
-              "runtime.device", "runtime.num_threads", "runtime.checkpoint_dir", "runtime.resident_max_gb",
-              "runtime.allow_config_change", "runtime.loader_workers", "runtime.jpeg_decode",
-              "runtime.sync_debug", "runtime.compile_cache"}
 NAMED_DATASETS = ("flowers102", "pets", "food101", "sun397", "imagenet")
 OPTIMIZERS = ("adam", "shampoo")
 STEM_POOLS = ("zero_pad", "neg_inf_pad")
@@ -35,13 +30,21 @@ JPEG_DECODERS = ("cpu", "device")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def setting(default: Any, *, hashed: bool = True, parameter: str = "") -> Any:
+    """A config key with what it declares about itself. `hashed=False`: the key does not change the
+    trained weights (logging, checkpoint cadence, device), so it stays out of `Config.hash()` and a run
+    may resume with it changed. `parameter`: the name of the pipeline parameter that sets it from the
+    Kubeflow UI (every such key is one input of the DAG and of the data prep task)."""
+    return field(default=default, metadata={"hashed": hashed, "parameter": parameter})
+
+
 @dataclass
 class DataConfig:
     """Where images come from and how the prepared dataset artifact stores them."""
 
     # demo | an ImageFolder tree (local dir, gs:// prefix, or a .tar/.tar.gz/.zip of one)
     # | flowers102 | pets | food101 | sun397 | imagenet (these read `root`)
-    source: str = "demo"
+    source: str = setting("demo", parameter="data_source")
     root: str = ""  # for the named datasets: where their files are (a path or gs:// prefix)
     download: bool = False  # named torchvision datasets: fetch them into `root` (clusters with network only)
     stored_resolution: int = 160  # square side the images are stored at (short-side resize + centre crop)
@@ -60,19 +63,19 @@ class DataConfig:
 class TeacherConfig:
     """The frozen teacher; `init` may list several checkpoints (comma-separated) for an ensemble."""
 
-    arch: str = "bit-r152x2"
-    init: str = "none"  # none | path or gs:// URI of a BiT .npz or a .safetensors file
-    resolution: int = 128
-    finetune: bool = True  # false: `init` is already fine-tuned for this dataset's classes
+    arch: str = setting("bit-r152x2", parameter="teacher_arch")
+    init: str = setting("none", parameter="teacher_init")  # none | path or gs:// URI of a BiT .npz or a .safetensors file
+    resolution: int = setting(128, parameter="teacher_resolution")
+    finetune: bool = setting(True, parameter="teacher_finetune")  # false: `init` is already fine-tuned for this dataset's classes
     member_resolutions: str = ""  # ensembles: one resolution per `init` entry (e.g. '384,224'); empty: `resolution`
     stem_pool: str = "zero_pad"  # zero_pad (big_transfer) | neg_inf_pad (big_vision bit_paper)
 
 
 @dataclass
 class StudentConfig:
-    arch: str = "bit-r50x1"
+    arch: str = setting("bit-r50x1", parameter="student_arch")
     init: str = "none"  # the paper trains from scratch
-    resolution: int = 128
+    resolution: int = setting(128, parameter="student_resolution")
     stem_pool: str = "zero_pad"
     zero_head: bool = True  # zero-initialised head: first predictions are uniform
 
@@ -90,24 +93,24 @@ class FinetuneConfig:
 
 @dataclass
 class DistillConfig:
-    setup: str = "funmatch"  # fixed | independent | consistent | funmatch
-    epochs: float = 10000.0
-    batch_size: int = 512
-    lr: float = 0.003
-    weight_decay: float = 3e-4  # big_vision semantics: scaled by the schedule, not by lr
-    temperature: float = 10.0
+    setup: str = setting("funmatch", parameter="distill_setup")  # fixed | independent | consistent | funmatch
+    epochs: float = setting(10000.0, parameter="distill_epochs")
+    batch_size: int = setting(512, parameter="distill_batch_size")
+    lr: float = setting(0.003, parameter="distill_lr")
+    weight_decay: float = setting(3e-4, parameter="distill_weight_decay")  # big_vision semantics: scaled by the schedule, not by lr
+    temperature: float = setting(10.0, parameter="distill_temperature")
     warmup_steps: int = 1500
     grad_clip_norm: float = 1.0
     optimizer: str = "adam"
     extra_students: str = ""  # more students fed by the same teacher forward: 'arch@res,arch@res'
     crop_min_area: float = 0.05  # inception crop area range (fraction of the image)
     crop_max_area: float = 1.0
-    log_every: int = 50  # steps between host syncs for logging
-    eval_every: int = 0  # steps between student val evaluations during training; 0: only at the end
-    checkpoint_every_steps: int = 1000
-    checkpoint_every_minutes: float = 10.0
-    keep_checkpoints: int = 3
-    num_nodes: int = 1  # >1: a Kubeflow Trainer TrainJob runs the stage on that many nodes (funmatch/trainjob.py)
+    log_every: int = setting(50, hashed=False)  # steps between host syncs for logging
+    eval_every: int = setting(0, hashed=False)  # steps between student val evaluations during training; 0: only at the end
+    checkpoint_every_steps: int = setting(1000, hashed=False)
+    checkpoint_every_minutes: float = setting(10.0, hashed=False)
+    keep_checkpoints: int = setting(3, hashed=False)
+    num_nodes: int = setting(1, hashed=False)  # >1: a Kubeflow Trainer TrainJob runs the stage on that many nodes (funmatch/trainjob.py)
 
 
 @dataclass
@@ -139,8 +142,8 @@ class GateConfig:
 class ResourcesConfig:
     """Cluster settings of the GPU tasks; kfp.local ignores them."""
 
-    accelerator_type: str = "nvidia.com/gpu"
-    accelerator_count: int = 1
+    accelerator_type: str = setting("nvidia.com/gpu", parameter="accelerator_type")
+    accelerator_count: int = setting(1, parameter="accelerator_count")
     node_selector_key: str = "cloud.google.com/gke-accelerator"
     node_selector_value: str = "nvidia-h100-80gb"
     toleration_key: str = "nvidia.com/gpu"
@@ -152,9 +155,9 @@ class ResourcesConfig:
 
 @dataclass
 class RuntimeConfig:
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = setting("auto", hashed=False)  # auto | cpu | cuda | cuda:N
     seed: int = 0
-    num_threads: int = 0  # CPU threads for torch; 0: torch's default
+    num_threads: int = setting(0, hashed=False)  # CPU threads for torch; 0: torch's default
     precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     compile: bool = False  # torch.compile the models (pays off on long GPU runs)
     # torch.compile mode: default | reduce-overhead (CUDA graphs: the step's shapes are static) | max-autotune
@@ -162,13 +165,13 @@ class RuntimeConfig:
     compile_mode: str = "default"
     # where torch.compile's artifacts persist (a path or gs:// prefix), so a retry or resume on a fresh node
     # skips recompiling; empty: <checkpoint dir>/compile-cache when distill has a checkpoint dir
-    compile_cache: str = ""
-    checkpoint_dir: str = ""  # durable checkpoint location (path or gs://); empty: none
-    allow_config_change: bool = False  # resume from checkpoints made with another config hash
-    resident_max_gb: float = 16.0  # train splits up to this size live on the device as uint8; larger ones stream
-    loader_workers: int = 0  # streamed data: decode processes; 0: this process's CPUs less one (funmatch/loader.py)
-    jpeg_decode: str = "cpu"  # streamed jpeg data: cpu (libjpeg-turbo in the workers) | device (nvJPEG on the GPU)
-    sync_debug: bool = False  # CUDA: warn (with the line) at every host-GPU synchronisation in distill's timed steps
+    compile_cache: str = setting("", hashed=False)
+    checkpoint_dir: str = setting("", hashed=False)  # durable checkpoint location (path or gs://); empty: none
+    allow_config_change: bool = setting(False, hashed=False)  # resume from checkpoints made with another config hash
+    resident_max_gb: float = setting(16.0, hashed=False)  # train splits up to this size live on the device as uint8; larger ones stream
+    loader_workers: int = setting(0, hashed=False)  # streamed data: decode processes; 0: this process's CPUs less one (funmatch/loader.py)
+    jpeg_decode: str = setting("cpu", hashed=False)  # streamed jpeg data: cpu (libjpeg-turbo in the workers) | device (nvJPEG on the GPU)
+    sync_debug: bool = setting(False, hashed=False)  # CUDA: warn (with the line) at every host-GPU synchronisation in distill's timed steps
 
 
 @dataclass
@@ -207,17 +210,44 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def hash(self, *sections: str) -> str:
-        """Short sha256 of the given sections (all result-relevant ones by default). Settings that do
-        not change the trained weights (logging, checkpoint cadence, node count, device) are left out,
-        so a run can resume with them changed."""
-        sections = sections or ("data", "teacher", "student", "finetune", "distill", "runtime")
+    def hash(self, *sections: str, everything: bool = False) -> str:
+        """Short sha256 of the given sections (all result-relevant ones by default), leaving out the
+        keys declared `hashed=False`, so a run can resume with them changed. `everything`: every key of
+        the whole config (what lands in a compiled pipeline's IR)."""
         d = self.to_dict()
-        kept = {s: {k: v for k, v in d[s].items() if f"{s}.{k}" not in NOT_HASHED} for s in sections}
+        if everything:
+            kept = d
+        else:
+            unhashed = {k for k, f in _fields().items() if not f.metadata.get("hashed", True)}
+            sections = sections or ("data", "teacher", "student", "finetune", "distill", "runtime")
+            kept = {s: {k: v for k, v in d[s].items() if f"{s}.{k}" not in unhashed} for s in sections}
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- keys, types, parsing
+
+def _fields(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every dotted leaf key with its dataclass field (type and declared metadata)."""
+    out: dict[str, dataclasses.Field] = {}
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_fields(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = f
+    return out
+
+
+def pipeline_parameters() -> dict[str, str]:
+    """Pipeline parameter name -> config key, in declaration order: the knobs a user changes in the
+    Kubeflow UI, declared on the keys themselves (`setting(parameter=...)`)."""
+    return {f.metadata["parameter"]: key for key, f in _fields().items() if f.metadata.get("parameter")}
+
+
+def get(cfg: Config, key: str) -> Any:
+    """The value of a dotted key."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 def all_keys(cls: type = Config, prefix: str = "") -> dict[str, type]:
     """Every dotted leaf key with its type, e.g. {'distill.epochs': float, ...}."""

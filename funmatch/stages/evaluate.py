@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -106,9 +107,29 @@ def report_html(metrics: dict, student_dir: Path, s_info: dict, t_info: dict, ga
             f"</th><th>student prec@1</th><th>agree@1</th><th>KL</th></tr>{rows}</table>{img}</body></html>")
 
 
-def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
-        out_dir: str | Path) -> dict:
-    """Writes `metrics.json` and `confusion.json` into `out_dir`; returns the flat metrics."""
+@dataclass
+class Evaluation:
+    """What evaluate found: flat big_vision-style metrics, the student's test confusion matrix (rows:
+    true class), the quality gate's verdict and the HTML report for the Kubeflow UI."""
+
+    metrics: dict[str, float]
+    classes: list[str]
+    confusion: list[list[int]]
+    gate_passed: bool
+    gate_reason: str
+    report_html: str
+
+    def write(self, out_dir: str | Path) -> None:
+        """`metrics.json` (what export reads), `confusion.json` and `report.html` into `out_dir`."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(self.metrics, indent=1))
+        (out / "confusion.json").write_text(json.dumps({"classes": self.classes, "matrix": self.confusion}))
+        (out / "report.html").write_text(self.report_html)
+
+
+def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path) -> Evaluation:
+    """Teacher and student(s) on minitrain, val and test; the gate's verdict on the test split."""
     clock = runtime.Stopwatch()
     device = runtime.setup(cfg.runtime)
     teachers, t_info = models.load_bundle(teacher_dir, device)
@@ -142,12 +163,7 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
     metrics["evaluate/wall_s"] = clock()
     passed, reason = gate(cfg, metrics)
     metrics["gate/passed"] = float(passed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gate.json").write_text(json.dumps({"passed": passed, "reason": reason}))
-    (out / "report.html").write_text(report_html(metrics, Path(student_dir), s_info, t_info, reason))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (out / "confusion.json").write_text(json.dumps({"classes": classes, "matrix": confusion.tolist()}))
     log.info("teacher test prec@1 %.4f, student %.4f, agree@1 %.4f",
              metrics["teacher/test/prec@1"], metrics["student/test/prec@1"], metrics["student/test/agree@1"])
-    return metrics
+    return Evaluation(metrics, classes, confusion.tolist() if confusion is not None else [], passed, reason,
+                      report_html(metrics, Path(student_dir), s_info, t_info, reason))

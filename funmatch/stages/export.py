@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from funmatch import __version__, runtime
 from funmatch.data import prepared
 from funmatch.recipe import augment, models
 from funmatch.stages import quantize
+from funmatch.storage import publish
 from funmatch.config import Config
 from funmatch.errors import FunmatchError
 
@@ -83,19 +86,27 @@ def result_files(bundle_dir: str | Path) -> tuple[str, ...]:
     return RESULT_FILES[:1] + int8 + extras + RESULT_FILES[1:]
 
 
-def publish(bundle_dir: str | Path, uri: str) -> str:
+def publish_result(bundle_dir: str | Path, uri: str) -> str:
     """Copies the result files to a directory or gs:// prefix, SHA256SUMS last (its presence marks a
     complete publication); `gs://<bucket>/models/<name>` gets a new immutable version and a moved
-    latest.json (funmatch/publish.py). Returns where the files are."""
-    from funmatch.storage import publish as registry
-
-    return registry.publish(bundle_dir, uri, files=result_files(bundle_dir)).uri
+    latest.json (funmatch/storage/publish.py). Returns where the files are."""
+    return publish.publish(bundle_dir, uri, files=result_files(bundle_dir)).uri
 
 
-def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, metrics_path: str | Path,
-        out_dir: str | Path, stage_wall_s: dict[str, float] | None = None) -> dict:
+@dataclass
+class Export:
+    """What export wrote into its directory: the files (model.onnx first), the model card and the
+    metrics (evaluation + export check + stage timings), both also written as model.json / metrics.json."""
+
+    files: tuple[str, ...]
+    card: dict[str, Any]
+    metrics: dict[str, float]
+
+
+def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, evaluation: dict[str, float],
+        out_dir: str | Path, stage_wall_s: dict[str, float] | None = None) -> Export:
     """Writes model.onnx, model.json and metrics.json (and model.int8.onnx with export.int8, unless it
-    loses more than export.max_int8_drop) into `out_dir`; returns the metrics."""
+    loses more than export.max_int8_drop) into `out_dir`; `evaluation`: the evaluate stage's metrics."""
     clock = runtime.Stopwatch()
     runtime.setup(cfg.runtime)
     out = Path(out_dir)
@@ -129,7 +140,7 @@ def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, metrics_p
         diff = max(diff, e_diff)
         extra_models.append({"file": name, "arch": e_info["arch"], "resolution": e_info["resolution"]})
 
-    metrics = json.loads(Path(metrics_path).read_text())
+    metrics = dict(evaluation)
     metrics["export/onnx_max_abs_diff"] = diff
     metrics["export/onnx_bytes"] = (out / "model.onnx").stat().st_size
     int8_card = None
@@ -142,9 +153,7 @@ def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, metrics_p
     metrics.update({f"{stage}/wall_s": w for stage, w in walls.items()})
     metrics["wall_s"] = round(sum(walls.values()), 3)  # stage compute; `funmatch run` replaces it with end-to-end
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-    from funmatch.storage.publish import provenance  # dataset manifest hash, git commit, created time
-
-    card = model_card(cfg, info, metrics) | provenance(dataset_dir)
+    card = model_card(cfg, info, metrics) | publish.provenance(dataset_dir)
     if int8_card:
         card["int8"] = int8_card
     if extra_models:
@@ -152,4 +161,4 @@ def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, metrics_p
     (out / "model.json").write_text(json.dumps(card, indent=1))
     log.info("exported %s (%d bytes), ONNX vs PyTorch max abs diff %.2e", out / "model.onnx",
              metrics["export/onnx_bytes"], diff)
-    return metrics
+    return Export(result_files(out), card, metrics)
