@@ -1,25 +1,39 @@
-"""Device, threads, seeds, precision and progress: what every stage sets up the same way."""
+"""Device, threads, seeds, precision, logging and the machine: what every stage sets up the same way.
+
+torch and numpy are imported inside the functions that use them, so that the launcher side (e.g.
+`funmatch.launch.trainjob`, which only needs `setup_logging`) does not import them.
+"""
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import platform
 import random
 import sys
 import time
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from funmatch.config import RuntimeConfig
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("funmatch")
 
 
-def setup(rt: RuntimeConfig) -> torch.device:
-    """Seeds every generator, sets threads and deterministic CPU kernels, picks the device."""
+def setup_logging() -> None:
+    """Warnings from libraries, INFO from funmatch, one timestamped line each on stderr."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("funmatch").setLevel(logging.INFO)
+
+
+def setup(rt: RuntimeConfig) -> torch.device:
+    """Sets up logging, seeds every generator, sets threads and deterministic CPU kernels, picks the device."""
+    import numpy as np
+    import torch
+
+    setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # runtime code never downloads
     if rt.num_threads:
         torch.set_num_threads(rt.num_threads)
@@ -40,8 +54,10 @@ def setup(rt: RuntimeConfig) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when asked; fp32 otherwise."""
+    import torch
+
     if precision == "bf16" and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -56,7 +72,39 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def synchronize(device: torch.device) -> None:
+    """Waits until the device has run everything queued on it (a no-op on the CPU): for timing."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: torch.device | None = None) -> dict[str, Any]:
+    """What a measurement depends on: CPU model, architecture and logical CPUs, OS, load average, Python,
+    torch and its intra-op threads, and the accelerator (`device`'s name when it is a GPU, else "CPU")."""
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = []
+    gpu = device is not None and device.type == "cuda"
+    return {"cpu": cpu or platform.machine(), "arch": platform.machine(), "logical_cpus": os.cpu_count(),
+            "os": f"{platform.system()} {platform.release()}", "load_avg_1_5_15": load,
+            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "accelerator": torch.cuda.get_device_name(device) if gpu else "CPU"}
+
+
 class Stopwatch:
+    """Seconds since it was made, rounded to milliseconds, each time it is called."""
+
     def __init__(self) -> None:
         self.start = time.perf_counter()
 

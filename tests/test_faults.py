@@ -2,6 +2,7 @@
 workers) killed with SIGKILL and SIGTERM at seeded random steps, restarted from its checkpoints, must
 end with bit-identical weights and lose nothing."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def _saved(tmp_path, steps=(3, 6, 9)):
     sizes = {}
     for s in steps:
         mgr.save(s, model, opt)
-        sizes[s] = sum((tmp_path / f"ckpt-{s:09d}.{e}").stat().st_size for e in ("json", "safetensors"))
+        sizes[s] = sum(Path(f).stat().st_size for f in mgr.files(s))
     return sizes
 
 
@@ -100,7 +101,8 @@ def test_weight_comparison_sees_a_one_ulp_difference(tmp_path):
 
 def test_cli_has_fault_test(capsys):
     args = cli.parser().parse_args(["fault-test", "--signal", "TERM", "--kills", "2", "--json", "r.json"])
-    assert (args.command, args.preset, args.signal, args.kills, args.json) == ("fault-test", "demo-tiny", "TERM", 2, "r.json")
+    assert (args.command, args.preset, args.signal, args.kills, args.json) == ("fault-test", "demo-tiny", "TERM", 2,
+                                                                                "r.json")
     assert cli.main(["fault-test", "--preset", "demo-tiyn"]) == 2  # one clear line, nothing run
     assert "unknown preset 'demo-tiyn'" in capsys.readouterr().err
 

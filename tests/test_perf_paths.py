@@ -141,7 +141,7 @@ def test_compile_cache_persists_across_processes(tmp_path, dataset_dir, teacher_
     import subprocess
     import sys
 
-    code = ("import sys; from funmatch import config, distill; "
+    code = ("import sys; from funmatch import config; from funmatch.stages import distill; "
             "cfg = config.load('demo-tiny', ['distill.epochs=0.03', 'distill.warmup_steps=1', 'distill.eval_every=0', "
             "'runtime.compile=true']); distill.run(cfg, sys.argv[1], sys.argv[2], sys.argv[3], checkpoint_dir=sys.argv[4])")
     logs = []

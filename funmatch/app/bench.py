@@ -13,16 +13,16 @@ import datetime
 import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from funmatch import runtime
 from funmatch.config import archs
 from funmatch.errors import ConfigError
 
@@ -32,25 +32,6 @@ CALIBRATION_SOURCES = (DEMO_CALIBRATION, "random")
 
 
 # ---------------------------------------------------------------- shared helpers
-
-def machine() -> dict:
-    """CPU model, core count and library versions: what a latency figure depends on."""
-    import onnxruntime
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = []
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "load_avg_1_5_15": load, "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
-
 
 def timings(fn: Callable[[], object], warmup: int, repeats: int) -> dict:
     """Median and p90 wall time (ms) of `fn` over `repeats` calls after `warmup` untimed ones."""
@@ -90,6 +71,7 @@ def bench_onnx(arch: str = "resnet50", resolution: int = 224, threads: int = 2, 
     Weights are random (latency does not depend on their values); the INT8 model is calibrated on
     `calibration_images` bundled demo images through the eval preprocessing, or on uniform noise.
     """
+    import onnxruntime
     import torch
 
     from funmatch.recipe import models
@@ -100,7 +82,8 @@ def bench_onnx(arch: str = "resnet50", resolution: int = 224, threads: int = 2, 
     if threads < 1:
         raise ConfigError(f"--threads={threads} is not allowed: expected a positive integer")
     if calibration not in CALIBRATION_SOURCES:
-        raise ConfigError(f"--calibration={calibration!r} is not allowed: expected one of {', '.join(CALIBRATION_SOURCES)}")
+        raise ConfigError(f"--calibration={calibration!r} is not allowed: expected one of "
+                          f"{', '.join(CALIBRATION_SOURCES)}")
     if warmup < 0 or repeats < 1 or calibration_images < 1 or min(batches) < 1:
         raise ConfigError("--warmup must be >= 0 and --repeats, --calibration-images and batch sizes >= 1")
 
@@ -112,7 +95,7 @@ def bench_onnx(arch: str = "resnet50", resolution: int = 224, threads: int = 2, 
         "weights": "random init (latency only; INT8 accuracy is measured by the export option export.int8)",
         "calibration": {"source": calibration, "images": calibration_images},
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine(), "warmup": warmup,
+        "machine": runtime.machine() | {"onnxruntime": onnxruntime.__version__}, "warmup": warmup,
     }
     with tempfile.TemporaryDirectory(prefix="funmatch-bench-") as tmp:
         fp32_path, int8_path = Path(tmp) / "model.onnx", Path(tmp) / quantize.INT8_FILE
@@ -144,13 +127,15 @@ def bench_onnx(arch: str = "resnet50", resolution: int = 224, threads: int = 2, 
                 log(f"batch {b}: {engine}")
                 latency[engine][str(b)] = timings(lambda: sess.run(None, feed), warmup, repeats)
             got = sessions["ort_int8"].run(None, feed)[0]
-            agree[str(b)] = {"fp32_max_abs_diff_vs_torch": float(np.abs(sessions["ort_fp32"].run(None, feed)[0] - want).max()),
+            fp32 = sessions["ort_fp32"].run(None, feed)[0]
+            agree[str(b)] = {"fp32_max_abs_diff_vs_torch": float(np.abs(fp32 - want).max()),
                              "int8_max_abs_diff_vs_torch": float(np.abs(got - want).max()),
                              "logit_scale": float(np.abs(want).max())}
     result["latency_ms"] = latency
     result["machine"]["load_avg_after"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
-    result["ratios"] = {b: {"ort_fp32/ort_int8": round(latency["ort_fp32"][b]["median_ms"] / latency["ort_int8"][b]["median_ms"], 3),
-                            "torch/ort_fp32": round(latency["torch"][b]["median_ms"] / latency["ort_fp32"][b]["median_ms"], 3)}
+    median = {engine: {b: t["median_ms"] for b, t in per_batch.items()} for engine, per_batch in latency.items()}
+    result["ratios"] = {b: {"ort_fp32/ort_int8": round(median["ort_fp32"][b] / median["ort_int8"][b], 3),
+                            "torch/ort_fp32": round(median["torch"][b] / median["ort_fp32"][b], 3)}
                         for b in map(str, batches)}
     result["outputs"] = agree
     return result

@@ -1,12 +1,12 @@
 """`funmatch bench distill`: the project's real distill loop against plain-PyTorch baselines, one process.
 
-The loop is `funmatch.distill.run` itself — prepared dataset artifact (uint8 shards resident on the
-device; or, with `--set data.encoding=jpeg --set runtime.resident_max_gb=0`, JPEG shards streamed
-through the decode workers) → batched augmentation → frozen teacher → student → clipped Adam — on a synthetic dataset
-artifact with the preset's shapes. The baselines are those of `shared/tools/gpu_anchor128.py`:
-naive fp32 eager, and bf16 + channels_last + torch.compile, both on one fixed synthetic batch (no
-input pipeline at all). Ratios are measured in the same run. MFU is against the bf16 dense peak of
-an H100/H200 (989 TFLOP/s); on a CPU it is not reported.
+The loop is `funmatch.stages.distill.run` itself — prepared dataset artifact (uint8 shards resident on
+the device; or, with `--set data.encoding=jpeg --set runtime.resident_max_gb=0`, JPEG shards streamed
+through the decode workers) → batched augmentation → frozen teacher → student → clipped Adam — on a
+synthetic dataset artifact with the preset's shapes. The baselines are those of
+`shared/tools/gpu_anchor128.py`: naive fp32 eager, and bf16 + channels_last + torch.compile, both on
+one fixed synthetic batch (no input pipeline at all). Ratios are measured in the same run. MFU is
+against the bf16 dense peak of an H100/H200 (989 TFLOP/s); on a CPU it is not reported.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from funmatch import config, runtime
+from funmatch.app.bench_loader import natural_images
 from funmatch.data import prepared
 from funmatch.recipe import models
 from funmatch.stages import distill
-from funmatch.app.bench_loader import natural_images
 
 log = logging.getLogger(__name__)
 PEAK_BF16 = 989e12  # H100 / H200 SXM dense bf16
@@ -86,7 +86,7 @@ def baseline(cfg: config.Config, device: torch.device, num_classes: int, steps: 
 
     first = time.perf_counter()
     step()
-    distill._sync(device)
+    runtime.synchronize(device)
     first = time.perf_counter() - first
     flops = None
     if not fast:
@@ -95,11 +95,11 @@ def baseline(cfg: config.Config, device: torch.device, num_classes: int, steps: 
         flops = counter.get_total_flops()
     for _ in range(2):
         step()
-    distill._sync(device)
+    runtime.synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    distill._sync(device)
+    runtime.synchronize(device)
     sec = (time.perf_counter() - t0) / steps
     return {"img_per_s": round(b / sec, 1), "step_ms": round(sec * 1e3, 2), "first_call_s": round(first, 1),
             "flops_per_step": flops}

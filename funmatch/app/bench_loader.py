@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from funmatch import config, runtime
-from funmatch.data import prepared, loader
-from funmatch.stages.distill import _sync
+from funmatch.data import loader, prepared
 
 
 def natural_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -60,9 +59,9 @@ def measure(dataset: Path, device: torch.device, batch_size: int, steps: int, wo
     t0 = 0.0
     for i, batch in enumerate(batches.iterate(0, warm + steps)):
         if i == warm - 1:
-            _sync(device)
+            runtime.synchronize(device)
             t0 = time.perf_counter()
-    _sync(device)
+    runtime.synchronize(device)
     rate = steps * batch_size / (time.perf_counter() - t0)
     return {"workers": batches.workers, "decode": decode, "img_per_s": round(rate, 1),
             "img_per_s_per_worker": round(rate / batches.workers, 1), "batch_shape": list(batch.shape)}
@@ -103,7 +102,8 @@ def command(args) -> int:
     result = bench_loader(args.preset, args.overrides, args.dataset, args.images, args.batch_size, args.steps,
                           workers, args.decode)
     print(f"bench loader: {result['dataset']} ({result['encoding']}, {result['stored_resolution']} px, "
-          f"{result['bytes_per_image']} B/img), batch {result['batch_size']}, {result['cpus']} CPUs, to {result['device']}")
+          f"{result['bytes_per_image']} B/img), batch {result['batch_size']}, {result['cpus']} CPUs, "
+          f"to {result['device']}")
     print(f"  one process, no workers  {result['single_process_img_per_s']:>9.1f} img/s")
     for run in result["runs"]:
         print(f"  {run['workers']:>2} worker(s), decode {run['decode']:<6} {run['img_per_s']:>9.1f} img/s "

@@ -123,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
         "distill", help="distillation: funmatch.distill.run on local or gs:// artifacts",
         description="Runs the distill stage on the given artifacts (directories or gs:// prefixes; gs:// inputs are "
                     "fetched once per node into --cache-dir). Under torchrun each process runs this; rank 0 writes "
-                    "the student to --output and marks it complete. See funmatch/trainjob.py.")
+                    "the student to --output and marks it complete. See funmatch/launch/trainjob.py.")
     sd.add_argument("--config-json", required=True, metavar="JSON", help="the resolved config (as the pipeline's)")
     sd.add_argument("--dataset", required=True, metavar="URI", help="prepared dataset artifact")
     sd.add_argument("--teacher", required=True, metavar="URI", help="teacher model artifact")

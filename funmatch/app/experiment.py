@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 from datetime import date
 from pathlib import Path
@@ -20,10 +19,11 @@ from pathlib import Path
 import torch
 
 from funmatch import config, runtime
+from funmatch.config import SETUPS
 from funmatch.data import prepared
 from funmatch.recipe import models
+from funmatch.recipe.metrics import prec1
 from funmatch.stages import distill, evaluate, finetune, prepare
-from funmatch.config import SETUPS
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def teaching_setups(size: str, out_dir: str | Path) -> dict:
     test_x, test_y = (torch.from_numpy(a) for a in prepared.load_split(out / "dataset", "test"))
     teachers, t_info = models.load_bundle(out / "teacher", device)
     t_logits = evaluate.predict(teachers, test_x, t_info["resolution"], base.eval, device)
-    teacher_acc = float((t_logits.argmax(1) == test_y).float().mean())
+    teacher_acc = prec1(t_logits, test_y)
 
     rows = []
     for epochs in spec["budgets"]:
@@ -68,15 +68,14 @@ def teaching_setups(size: str, out_dir: str | Path) -> dict:
             s_logits = evaluate.predict([student], test_x, cfg.student.resolution, cfg.eval, device)
             history = json.loads((out / f"student-{setup}-{epochs}" / "history.json").read_text())
             rows.append({"setup": setup, "epochs": epochs, "steps": info["steps"],
-                         "test_prec@1": round(float((s_logits.argmax(1) == test_y).float().mean()), 4),
+                         "test_prec@1": round(prec1(s_logits, test_y), 4),
                          "test_agree@1": round(evaluate.distances(s_logits, t_logits)["agree@1"], 4),
                          "final_train_loss": history[-1]["loss"], "wall_s": round(time.perf_counter() - t0, 1)})
             log.info("%s", rows[-1])
     result = {"size": size, "teacher_test_prec@1": round(teacher_acc, 4), "rows": rows,
               "train_images": prepared.read_manifest(out / "dataset")["splits"]["train"]["count"],
               "command": f"funmatch experiment teaching-setups --size {size}",
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}",
+              "machine": "{arch}, {threads} threads, {accelerator}".format(**runtime.machine(device)),
               "date": date.today().isoformat(), "wall_s": round(time.perf_counter() - start, 1),
               "claims": claims(rows, spec["budgets"])}
     (out / "results.json").write_text(json.dumps(result, indent=1))
@@ -93,7 +92,8 @@ def claims(rows: list[dict], budgets: tuple[int, ...]) -> dict[str, bool]:
         "longest budget: funmatch >= consistent": acc["funmatch", longest] >= acc["consistent", longest],
         "longest budget: consistent > independent": acc["consistent", longest] > acc["independent", longest],
         "longest budget: consistent > fixed": acc["consistent", longest] > acc["fixed", longest],
-        "funmatch rises with budget": all(acc["funmatch", a] < acc["funmatch", b] for a, b in zip(budgets, budgets[1:])),
+        "funmatch rises with budget": all(acc["funmatch", a] < acc["funmatch", b]
+                                          for a, b in zip(budgets, budgets[1:])),
         "fixed stops improving at the longest budget": acc["fixed", longest] <= acc["fixed", budgets[-2]] + 0.005,
     }
 

@@ -9,9 +9,8 @@ fraction of a steady step's time is waited after the step starts); SIGTERM is a 
 loop finishes its step, checkpoints and exits 143.
 
 The worker announces on stdout the step it resumed from, each step it begins and each checkpoint
-it has committed, by wrapping `augment.step_generator`, `CheckpointManager.load_latest` and
-`CheckpointManager.save` (distill.py runs unchanged). From those lines the parent accounts for each
-kill:
+it has committed, through the loop's public callbacks (`funmatch.stages.distill.Hooks`: on_start,
+on_step, on_checkpoint). From those lines the parent accounts for each kill:
 
 - steps redone: steps the killed worker had completed, less the step its successor resumed from
   (a step counts as completed once the next one began or its checkpoint was committed);
@@ -25,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -33,16 +31,19 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from funmatch import storage
-from funmatch.errors import FunmatchError
+from funmatch import runtime, storage
+from funmatch.errors import PREEMPTED_EXIT, FunmatchError
+
+if TYPE_CHECKING:
+    from funmatch.storage.checkpoint import CheckpointManager
 
 TAG = "@funmatch-fault"
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
-PREEMPTED_EXIT = 143  # what distill exits with after a SIGTERM checkpoint
 # Worker settings the comparison needs; the user's --set values come after them and win.
 DEFAULT_OVERRIDES = ["runtime.device=cpu", "distill.checkpoint_every_steps=3"]
 
@@ -57,31 +58,9 @@ def _say(*words: Any) -> None:
     print(TAG, *words, flush=True)
 
 
-def _instrument() -> None:
-    """Makes the distill loop announce resumption, step starts and committed checkpoints."""
-    from funmatch.recipe import augment
-    from funmatch.storage.checkpoint import CheckpointManager
-
-    step_generator, load_latest, save = augment.step_generator, CheckpointManager.load_latest, CheckpointManager.save
-
-    def announced_step_generator(seed, step):
-        _say("step", step)
-        return step_generator(seed, step)
-
-    def announced_load_latest(self, *args, **kwargs):
-        loaded = load_latest(self, *args, **kwargs)
-        size = sum(os.path.getsize(self._path(loaded.step, e)) for e in ("json", "safetensors")) if loaded else 0
-        _say("resumed", loaded.step if loaded else 0, size)
-        return loaded
-
-    def announced_save(self, step, *args, **kwargs):
-        save(self, step, *args, **kwargs)
-        size = sum(os.path.getsize(self._path(step, ext)) for ext in ("json", "safetensors"))
-        _say("saved", step, size)
-
-    augment.step_generator = announced_step_generator
-    CheckpointManager.load_latest = announced_load_latest
-    CheckpointManager.save = announced_save
+def _bytes(ckpt: CheckpointManager | None, step: int) -> int:
+    """The size of checkpoint `step` on disk (0 for step 0, the start from scratch)."""
+    return sum(os.path.getsize(path) for path in ckpt.files(step)) if ckpt and step else 0
 
 
 def worker(argv: list[str]) -> int:
@@ -103,8 +82,10 @@ def worker(argv: list[str]) -> int:
     if a.deterministic:
         torch.use_deterministic_algorithms(True)
     cfg = config.load(a.preset, a.overrides)
-    _instrument()
-    distill.run(cfg, a.dataset, a.teacher, a.out, checkpoint_dir=a.checkpoint_dir)  # SIGTERM: exits 143
+    announce = distill.Hooks(on_start=lambda step, ckpt: _say("resumed", step, _bytes(ckpt, step)),
+                             on_step=lambda step: _say("step", step),
+                             on_checkpoint=lambda step, ckpt: _say("saved", step, _bytes(ckpt, step)))
+    distill.run(cfg, a.dataset, a.teacher, a.out, checkpoint_dir=a.checkpoint_dir, hooks=announce)  # SIGTERM: 143
     _say("finished")
     return 0
 
@@ -126,7 +107,7 @@ class _Attempt:
         self.exit_code: int | None = None
         self.wall_s = 0.0
 
-    def run(self, kill_at: int | None, sig: signal.Signals | None, jitter: float) -> "_Attempt":
+    def run(self, kill_at: int | None, sig: signal.Signals | None, jitter: float) -> _Attempt:
         start = time.perf_counter()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_path, "w") as log:
@@ -211,16 +192,6 @@ def _same_tensors(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
 
 
-def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu or platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
-
-
 def fault_test(preset: str = "demo-tiny", overrides: list[str] | None = None, kills: int = 5,
                signals: tuple[str, ...] = ("KILL",), seed: int = 0, workdir: str | Path | None = None,
                dataset_dir: str | Path | None = None, teacher_dir: str | Path | None = None,
@@ -284,6 +255,7 @@ def fault_test(preset: str = "demo-tiny", overrides: list[str] | None = None, ki
     if not (ref.finished and ref.exit_code == 0):
         raise FaultTestError(f"the reference run failed (exit {ref.exit_code}); its log ends:\n{ref.log_tail()}")
     ref_weights = work / "reference" / "student" / "member-0.safetensors"
+    machine = runtime.machine()
     report: dict[str, Any] = {
         "command": "funmatch fault-test " + " ".join([f"--preset {preset}", f"--kills {kills}", f"--seed {seed}",
                                                       "--signal " + ("both" if len(signals) > 1 else signals[0])] +
@@ -291,9 +263,10 @@ def fault_test(preset: str = "demo-tiny", overrides: list[str] | None = None, ki
         "preset": preset, "overrides": sets, "config_hash": cfg.hash(), "steps": steps,
         "checkpoint_every_steps": k.checkpoint_every_steps, "keep_checkpoints": k.keep_checkpoints,
         "seed": seed, "deterministic_algorithms": deterministic,
-        "machine": machine(), "python": platform.python_version(), "torch": torch.__version__,
+        "machine": f"{machine['cpu']}, {machine['logical_cpus']} cores, {machine['os']}",
+        "python": machine["python"], "torch": machine["torch"],
         "threads": cfg.runtime.num_threads or torch.get_num_threads(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "workdir": str(work),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "workdir": str(work),
         "load_average_1m_at_start": round(os.getloadavg()[0], 2),
         "reference": {"wall_s": round(ref.wall_s, 2), "sha256": storage.sha256_file(ref_weights)},
         "runs": [],
@@ -359,7 +332,8 @@ def fault_test(preset: str = "demo-tiny", overrides: list[str] | None = None, ki
             "steps_redone": sum(r["steps_redone"] or 0 for r in records),
             "bytes_lost": sum(r["bytes_lost"] for r in records), "stray_bytes": _stray_bytes(ckpt_dir),
             "starts": len(attempts), "wall_s": round(sum(a.wall_s for a in attempts), 2),
-            "sha256": sha, "bit_identical": sha == report["reference"]["sha256"] and _same_tensors(weights, ref_weights),
+            "sha256": sha,
+            "bit_identical": sha == report["reference"]["sha256"] and _same_tensors(weights, ref_weights),
             "history_identical": history_same,
         }
         run["ok"] = (run["bit_identical"] and run["kills_survived"] == kills and run["bytes_lost"] == 0)

@@ -110,7 +110,7 @@ class DistillConfig:
     checkpoint_every_steps: int = setting(1000, hashed=False)
     checkpoint_every_minutes: float = setting(10.0, hashed=False)
     keep_checkpoints: int = setting(3, hashed=False)
-    num_nodes: int = setting(1, hashed=False)  # >1: a Kubeflow Trainer TrainJob runs the stage on that many nodes (funmatch/trainjob.py)
+    num_nodes: int = setting(1, hashed=False)  # >1: a Kubeflow Trainer TrainJob runs the stage on that many nodes (funmatch/launch/trainjob.py)
 
 
 @dataclass
@@ -125,7 +125,7 @@ class EvalConfig:
 class ExportConfig:
     opset: int = 18
     max_abs_diff: float = 1e-3  # onnxruntime vs PyTorch on real test images
-    int8: bool = False  # also write model.int8.onnx (static QDQ INT8, onnxruntime; funmatch/quantize.py)
+    int8: bool = False  # also write model.int8.onnx (static QDQ INT8, onnxruntime; funmatch/stages/quantize.py)
     calibration_images: int = 256  # training images (eval preprocessing) that calibrate the INT8 ranges
     max_int8_drop: float = 0.01  # INT8 test prec@1 may lose at most this much (absolute) or is not published
 
@@ -169,7 +169,7 @@ class RuntimeConfig:
     checkpoint_dir: str = setting("", hashed=False)  # durable checkpoint location (path or gs://); empty: none
     allow_config_change: bool = setting(False, hashed=False)  # resume from checkpoints made with another config hash
     resident_max_gb: float = setting(16.0, hashed=False)  # train splits up to this size live on the device as uint8; larger ones stream
-    loader_workers: int = setting(0, hashed=False)  # streamed data: decode processes; 0: this process's CPUs less one (funmatch/loader.py)
+    loader_workers: int = setting(0, hashed=False)  # streamed data: decode processes; 0: this process's CPUs less one (funmatch/data/loader.py)
     jpeg_decode: str = setting("cpu", hashed=False)  # streamed jpeg data: cpu (libjpeg-turbo in the workers) | device (nvJPEG on the GPU)
     sync_debug: bool = setting(False, hashed=False)  # CUDA: warn (with the line) at every host-GPU synchronisation in distill's timed steps
 

@@ -49,7 +49,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,7 +56,8 @@ from typing import Any, Iterator
 
 from funmatch import storage
 from funmatch.config import Config
-from funmatch.errors import ConfigError, DataError, FunmatchError
+from funmatch.errors import PREEMPTED_EXIT, ConfigError, DataError, FunmatchError
+from funmatch.runtime import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,6 @@ SCRATCH = "/scratch"  # node-local disk for the fetched inputs
 WORKER_CACHE = f"{SCRATCH}/funmatch"
 # Same CPU / memory requests as the single-node GPU task (pipelines/funmatch_pipeline.py: on_gpu_pool).
 CPU_REQUEST, MEMORY_REQUEST = "8", "48Gi"
-PREEMPTED_EXIT = 143  # 128 + SIGTERM, as funmatch.distill
 FORWARDED_ENV = ("GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST")  # what storage.gcs_client reads
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -486,11 +485,6 @@ def _stage(uri: str, staged: str, role: str) -> str:
 
 # ---------------------------------------------------------------- the launcher (the distill task)
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("funmatch").setLevel(logging.INFO)
-
-
 def artifact_location(artifact) -> str:
     """A KFP artifact's gs:// URI when it has one (the pods read it there), else its local path."""
     uri = getattr(artifact, "uri", "") or ""
@@ -518,7 +512,7 @@ def run(cfg: Config, *, dataset: str, teacher: str, out_dir: str | Path, shared_
     """Stages the inputs, creates the TrainJob, follows it, copies the student into `out_dir`;
     returns the student's info (its model.json). `shared_root` is where the pods and the launcher
     meet (gs:// in a cluster; any directory in tests)."""
-    _setup_logging()
+    setup_logging()
     api = _api(api_client)
     namespace = namespace or current_namespace()
     name = job_name(key)
@@ -594,7 +588,7 @@ def run_worker(config_json: str, dataset: str, teacher: str, output: str, checkp
     from funmatch import config
     from funmatch.stages import distill as stage
 
-    _setup_logging()
+    setup_logging()
     cfg = config.from_json(config_json)
     cache = Path(cache_dir or os.environ.get("FUNMATCH_CACHE_DIR") or Path(tempfile.gettempdir(), "funmatch-stage"))
     rank = int(os.environ.get("RANK", "0"))

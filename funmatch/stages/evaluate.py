@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from funmatch import runtime
 from funmatch.data import prepared
 from funmatch.recipe import augment, models
+from funmatch.recipe.metrics import distances, prec1
 from funmatch.config import Config, EvalConfig
 
 log = logging.getLogger(__name__)
@@ -41,15 +41,6 @@ def predict(members: list[nn.Module], images_u8: torch.Tensor, res: int | list[i
 def resolutions(info: dict) -> list[int]:
     """Per-member resolutions of a model artifact."""
     return info.get("member_resolutions") or [info["resolution"]] * len(info["members"])
-
-
-def distances(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float]:
-    top1_t = teacher.argmax(1)
-    top5_s = student.topk(min(5, student.shape[1]), dim=1).indices
-    kl = F.kl_div(F.log_softmax(student, 1), F.log_softmax(teacher, 1), log_target=True, reduction="none").sum(1)
-    return {"agree@1": float((student.argmax(1) == top1_t).float().mean()),
-            "agree@5": float((top5_s == top1_t[:, None]).any(1).float().mean()),
-            "kl": float(kl.mean()), "l2": float((student - teacher).norm(dim=1).mean())}
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -151,10 +142,10 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
         s_logits = predict(students, images, s_info["resolution"], cfg.eval, device)
         for name, (extra, e_info) in extras.items():  # more students of the same run
             e_logits = predict(extra, images, e_info["resolution"], cfg.eval, device)
-            metrics[f"students/{name}/{split}/prec@1"] = float((e_logits.argmax(1) == labels).float().mean())
+            metrics[f"students/{name}/{split}/prec@1"] = prec1(e_logits, labels)
             metrics.update({f"students/{name}/{split}/{k}": v for k, v in distances(e_logits, t_logits).items()})
-        metrics[f"teacher/{split}/prec@1"] = float((t_logits.argmax(1) == labels).float().mean())
-        metrics[f"student/{split}/prec@1"] = float((s_logits.argmax(1) == labels).float().mean())
+        metrics[f"teacher/{split}/prec@1"] = prec1(t_logits, labels)
+        metrics[f"student/{split}/prec@1"] = prec1(s_logits, labels)
         metrics.update({f"student/{split}/{k}": v for k, v in distances(s_logits, t_logits).items()})
         if split == "test":
             confusion = confusion_matrix(s_logits.argmax(1), labels, len(classes))

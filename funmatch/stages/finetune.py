@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from funmatch import runtime, storage
 from funmatch.data import prepared, loader
+from funmatch.recipe.metrics import prec1
 from funmatch.recipe import augment, models, optim
 from funmatch import config
 from funmatch.config import Config, split_uris
@@ -99,7 +100,7 @@ def run(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict:
     model.eval()
     val_x, val_y = prepared.load_split(dataset_dir, "val")
     logits = predict([model], torch.from_numpy(val_x), t.resolution, cfg.eval, device)
-    val_acc = float((logits.argmax(1) == torch.from_numpy(val_y)).float().mean())
+    val_acc = prec1(logits, torch.from_numpy(val_y))
     info = _info(cfg, manifest, finetuned=True, steps=steps, val_prec1=round(val_acc, 4), wall_s=clock())
     models.save_bundle(out_dir, [model.cpu()], info)
     log.info("teacher val prec@1 %.4f (%.1fs)", val_acc, info["wall_s"])

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from funmatch.data import prepared
+from funmatch.recipe.metrics import prec1
 from funmatch.recipe import augment
 from funmatch.errors import DataError, FunmatchError
 
@@ -205,10 +206,10 @@ def export_int8(cfg, dataset_dir: str | Path, out_dir: str | Path, test_images: 
             metrics["export/int8_refused"] = "the dataset has no test images to check the INT8 model on"
             log.warning("INT8 model not published: %s", metrics["export/int8_refused"])
             return metrics, None
-        p_fp32 = float((fp32.argmax(1) == test_labels).mean())
-        p_int8 = float((int8.argmax(1) == test_labels).mean())
+        p_fp32 = prec1(fp32, test_labels)
+        p_int8 = prec1(int8, test_labels)
         metrics.update({"export/fp32/test/prec@1": p_fp32, "export/int8/test/prec@1": p_int8,
-                        "export/int8/test/agree@1": float((fp32.argmax(1) == int8.argmax(1)).mean())})
+                        "export/int8/test/agree@1": prec1(fp32, int8.argmax(1))})
         reason = int8_refusal(p_fp32, p_int8, ex.max_int8_drop)
         if reason:
             metrics["export/int8_refused"] = reason

@@ -30,7 +30,7 @@ with bytes other than the ones we meant to write, and no temp-name-then-copy is 
 double the requests and leave orphaned temp objects after a crash without making multi-file
 sets any safer). A *set* of files (a checkpoint, a published model version) is committed by a
 marker written last (the checkpoint's JSON, SHA256SUMS, then `latest.json`), which readers
-require; see funmatch/publish.py.
+require; see funmatch/storage/publish.py.
 
 `write_bytes(..., if_generation_match=G)` is GCS's compare-and-swap: G=0 creates only if absent,
 G>0 replaces only that generation; a lost race raises `PreconditionFailed`. `read_with_generation`

@@ -99,6 +99,10 @@ class CheckpointManager:
     def _path(self, step: int, ext: str) -> str:
         return f"{self.directory}/ckpt-{step:09d}.{ext}"
 
+    def files(self, step: int) -> tuple[str, str]:
+        """The (metadata JSON, safetensors tensors) URIs of checkpoint `step`; the metadata is written last."""
+        return self._path(step, "json"), self._path(step, "safetensors")
+
     def steps(self) -> list[int]:
         """Steps with a metadata file, newest first."""
         if not storage.exists(self.directory):
