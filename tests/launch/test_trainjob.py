@@ -32,7 +32,7 @@ from funmatch.app import cli
 from funmatch.launch import tasks, trainjob
 from funmatch.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "manifests/schemas/kubeflow-trainer-v2.3.0/trainer.kubeflow.org_trainjobs.yaml"
 PREFIX = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/"
 NS = "ml"

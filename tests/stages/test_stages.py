@@ -165,7 +165,7 @@ def test_readme_consumer_snippet_runs_on_an_export(tmp_path, tiny_cfg, dataset_d
     metrics = evaluate.run(tiny_cfg, dataset_dir, teacher_dir, student_dir).metrics
     export.run(tiny_cfg, dataset_dir, student_dir, metrics, tmp_path / "demo")
     Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "photo.jpg")
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     snippet = re.search(r"```python\n(import json, numpy.*?)```", readme, re.S).group(1)
     snippet = snippet.replace("runs/demo/", f"{tmp_path / 'demo'}/").replace('"photo.jpg"', f'"{tmp_path / "photo.jpg"}"')
     exec(compile(snippet, "README.md", "exec"), {})

@@ -17,7 +17,7 @@ from funmatch.recipe import models
 from funmatch.storage.checkpoint import CheckpointManager
 from funmatch.errors import CheckpointError, ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Canary:
