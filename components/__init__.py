@@ -5,6 +5,7 @@
 Images: `FUNMATCH_IMAGE_PREFIX` (default `ghcr.io/funmatch`) and `FUNMATCH_IMAGE_TAG` (default: the
 package version) name them; `resources.image` in the config overrides the prefix at compile time.
 """
+
 import os
 from importlib.metadata import PackageNotFoundError, version
 

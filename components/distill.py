@@ -1,4 +1,5 @@
 """KFP adapter of stage 3, function-matching distillation."""
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -6,11 +7,18 @@ from components import image
 
 
 @dsl.component(base_image=image("cuda"), install_kfp_package=False)
-def distill(config: str, dataset: Input[Dataset], teacher: Input[Model], checkpoint_root: str,
-            accelerator: str, num_accelerators: int, trainjob_image: str, student: Output[Model]):
+def distill(
+    config: str,
+    dataset: Input[Dataset],
+    teacher: Input[Model],
+    checkpoint_root: str,
+    accelerator: str,
+    num_accelerators: int,
+    trainjob_image: str,
+    student: Output[Model],
+):
     """Distils the teacher into the student; resumes from checkpoint_root after a preemption.
     `trainjob_image`: the image of a multi-node TrainJob's pods (distill.num_nodes > 1)."""
     from funmatch.launch import tasks
 
-    tasks.distill(config, dataset, teacher, checkpoint_root, accelerator, num_accelerators, trainjob_image,
-                  student)
+    tasks.distill(config, dataset, teacher, checkpoint_root, accelerator, num_accelerators, trainjob_image, student)

@@ -1,4 +1,5 @@
 """KFP adapter of stage 5, ONNX export."""
+
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
@@ -6,8 +7,15 @@ from components import image
 
 
 @dsl.component(base_image=image("cpu"), install_kfp_package=False)
-def export(config: str, dataset: Input[Dataset], teacher: Input[Model], student: Input[Model],
-           report: Input[Artifact], publish_uri: str, onnx_model: Output[Model]):
+def export(
+    config: str,
+    dataset: Input[Dataset],
+    teacher: Input[Model],
+    student: Input[Model],
+    report: Input[Artifact],
+    publish_uri: str,
+    onnx_model: Output[Model],
+):
     """model.onnx + model.json + metrics.json, checked with onnxruntime; copied to publish_uri if set."""
     from funmatch.launch import tasks
 

@@ -1,4 +1,5 @@
 """KFP adapter of stage 2 when teacher.finetune is false: the given teacher(s), shapes checked."""
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 

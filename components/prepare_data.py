@@ -1,4 +1,5 @@
 """KFP adapter of stage 1, data prep."""
+
 from typing import NamedTuple
 
 from kfp import dsl

@@ -1,4 +1,5 @@
 """KFP adapter of the quality gate's stop: the run ends here, saying why, when the student falls short."""
+
 from kfp import dsl
 
 from components import image

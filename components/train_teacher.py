@@ -1,4 +1,5 @@
 """KFP adapter of stage 2, teacher fine-tuning (BiT-HyperRule)."""
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -6,8 +7,9 @@ from components import image
 
 
 @dsl.component(base_image=image("cuda"), install_kfp_package=False)
-def train_teacher(config: str, dataset: Input[Dataset], accelerator: str, num_accelerators: int,
-                  teacher: Output[Model]):
+def train_teacher(
+    config: str, dataset: Input[Dataset], accelerator: str, num_accelerators: int, teacher: Output[Model]
+):
     """Fine-tunes teacher.init on the dataset's classes (on the accelerators the task requests)."""
     from funmatch.launch import tasks
 

@@ -1,4 +1,5 @@
 """funmatch: patient and consistent knowledge distillation (Beyer et al., CVPR 2022) as a KFP pipeline."""
+
 from importlib.metadata import PackageNotFoundError, version
 
 try:

@@ -3,6 +3,7 @@
 torch and numpy are imported inside the functions that use them, so that the launcher side (e.g.
 `funmatch.launch.trainjob`, which only needs `setup_logging`) does not import them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,10 +97,17 @@ def machine(device: torch.device | None = None) -> dict[str, Any]:
     except OSError:
         load = []
     gpu = device is not None and device.type == "cuda"
-    return {"cpu": cpu or platform.machine(), "arch": platform.machine(), "logical_cpus": os.cpu_count(),
-            "os": f"{platform.system()} {platform.release()}", "load_avg_1_5_15": load,
-            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "accelerator": torch.cuda.get_device_name(device) if gpu else "CPU"}
+    return {
+        "cpu": cpu or platform.machine(),
+        "arch": platform.machine(),
+        "logical_cpus": os.cpu_count(),
+        "os": f"{platform.system()} {platform.release()}",
+        "load_avg_1_5_15": load,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "accelerator": torch.cuda.get_device_name(device) if gpu else "CPU",
+    }
 
 
 class Stopwatch:

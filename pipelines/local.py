@@ -10,6 +10,7 @@ kfp.local prints every task's executor input and streamed log; all of it goes to
 and the console shows one line per task (its progress while it runs, its time when done), warnings,
 and a failed task's error as one line (`verbose=True`: everything, as kfp.local prints it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,11 +81,11 @@ class Console:
         elif self.task and _PROGRESS.match(line):
             self._show(f"  {self.task:<20} {line.strip()}", final=False)
         elif _WARNING.search(line):
-            self._show(f"  warning: {line.strip()[:self.width - 11]}", final=True)
+            self._show(f"  warning: {line.strip()[: self.width - 11]}", final=True)
 
     def _show(self, text: str, final: bool) -> None:
         if self.live:
-            self.out.write("\r\x1b[K" + text[:self.width] + ("\n" if final else ""))
+            self.out.write("\r\x1b[K" + text[: self.width] + ("\n" if final else ""))
         elif final:
             self.out.write(text + "\n")
         self.out.flush()
@@ -96,8 +97,13 @@ def run(cfg: Config, output: str | Path, verbose: bool = False, out: TextIO | No
     target = Path(output).resolve()
     target.mkdir(parents=True, exist_ok=True)
     compile_pipeline(cfg, str(target / "pipeline.yaml"))
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(target / "pipeline_root"),
-               enable_caching=True, cache_root=str(target / ".kfp_cache"), raise_on_error=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(target / "pipeline_root"),
+        enable_caching=True,
+        cache_root=str(target / ".kfp_cache"),
+        raise_on_error=True,
+    )
     for stale in [*target.glob("model*.onnx"), target / "model.json", target / "metrics.json", target / "SHA256SUMS"]:
         stale.unlink(missing_ok=True)  # what is there afterwards is this run's (INT8, extra students too)
     with open(target / LOG_FILE, "w") as log:
@@ -105,8 +111,9 @@ def run(cfg: Config, output: str | Path, verbose: bool = False, out: TextIO | No
         with warnings.catch_warnings(), contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
             warnings.simplefilter("ignore")  # "base_image ignored", "accelerator settings ignored locally"
             try:
-                build(cfg)(checkpoint_root=cfg.runtime.checkpoint_dir or str(target / "checkpoints"),
-                           publish_uri=str(target))
+                build(cfg)(
+                    checkpoint_root=cfg.runtime.checkpoint_dir or str(target / "checkpoints"), publish_uri=str(target)
+                )
             except RuntimeError as e:
                 raise FunmatchError(_failure(str(e), console.errors, target / LOG_FILE)) from None
     metrics = json.loads((target / "metrics.json").read_text())
@@ -121,5 +128,5 @@ def _failure(kfp_message: str, errors: dict[str, str], log: Path) -> str:
     task = failed[0] if failed else ""
     error = errors.get(task, "")
     if error.startswith(QualityGateStop.PREFIX):
-        return f"the quality gate stopped the run before export:{error[len(QualityGateStop.PREFIX) + 1:]}"
+        return f"the quality gate stopped the run before export:{error[len(QualityGateStop.PREFIX) + 1 :]}"
     return f"task {task or '?'} failed: {error or 'see the log'} (full log: {log})"

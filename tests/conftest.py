@@ -1,4 +1,5 @@
 """Shared fixtures: a prepared demo dataset and a tiny teacher, built once per test session."""
+
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download in tests

@@ -10,6 +10,7 @@ connection without answering). It rewrites the upstream URL in `Location` header
 upload sessions keep going through the proxy. It answers at most `max_requests` requests and lives
 at most `lifetime_s` seconds, then stops itself; `stop()` or leaving the `with` block stops it earlier.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,11 +22,21 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterator
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-              "transfer-encoding", "upgrade", "content-length", "host"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+}
 
 
 @contextlib.contextmanager
@@ -40,9 +51,25 @@ def fake_gcs() -> Iterator[str]:
     port = _find_free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
-                                    "-host", "127.0.0.1", "-port", str(port), "-external-url", url,
-                                    "-log-level", "warn"], stdout=subprocess.DEVNULL, stderr=log)
+        process = subprocess.Popen(
+            [
+                str(_get_binary_path()),
+                "-scheme",
+                "http",
+                "-backend",
+                "memory",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(port),
+                "-external-url",
+                url,
+                "-log-level",
+                "warn",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
         try:
             deadline = time.monotonic() + 10
             while True:
@@ -67,8 +94,7 @@ def fake_gcs() -> Iterator[str]:
 Plan = Callable[[str, str, bytes], "str | None"]
 
 
-def first(n: int, fault: str, method: str | None = None, body_contains: bytes = b"",
-          path_contains: str = "/o") -> Plan:
+def first(n: int, fault: str, method: str | None = None, body_contains: bytes = b"", path_contains: str = "/o") -> Plan:
     """A plan: `fault` for the first `n` requests that match (method, path and body substrings), then
     pass-through. The default path filter takes object requests only (google-cloud-storage also reads
     bucket metadata from a background thread, at times no test can predict)."""
@@ -103,8 +129,7 @@ def after(n: int, fault: str, method: str | None = None, path_contains: str = "/
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, plan: Plan | None = None,
-                 max_requests: int = 1000, lifetime_s: float = 60.0):
+    def __init__(self, upstream: str, plan: Plan | None = None, max_requests: int = 1000, lifetime_s: float = 60.0):
         self.upstream = upstream.rstrip("/")
         parsed = urllib.parse.urlsplit(self.upstream)
         self._target = (parsed.hostname, parsed.port)
@@ -137,8 +162,11 @@ class FaultProxy:
                     elif fault == "reset":
                         self.close_connection = True
                     elif fault:
-                        self._reply(int(fault), {"Content-Type": "application/json"},
-                                    json.dumps({"error": {"code": int(fault), "message": "injected fault"}}).encode())
+                        self._reply(
+                            int(fault),
+                            {"Content-Type": "application/json"},
+                            json.dumps({"error": {"code": int(fault), "message": "injected fault"}}).encode(),
+                        )
                     else:
                         self._forward(body)
                 finally:
@@ -161,8 +189,12 @@ class FaultProxy:
                 conn = http.client.HTTPConnection(*proxy._target, timeout=30)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
-                    conn.request(self.command, self.path, body=body if body or self.command in ("POST", "PUT")
-                                 else None, headers=headers)
+                    conn.request(
+                        self.command,
+                        self.path,
+                        body=body if body or self.command in ("POST", "PUT") else None,
+                        headers=headers,
+                    )
                     response = conn.getresponse()
                     data = response.read()
                     out = {}
@@ -195,7 +227,7 @@ class FaultProxy:
         self._timer.daemon = True
         self._stopped = False
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         self._thread.start()
         self._timer.start()
         return self
@@ -217,7 +249,7 @@ class FaultProxy:
         """The log without bucket-metadata requests (see `first`)."""
         return [entry for entry in self.log if "/o" in entry[1]]
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -5,21 +5,21 @@ upstream IDX files under /usr/share/datasets/fashion-mnist. Run once; the output
 
     python tools/make_demo_data.py [--src DIR] [--out funmatch/demo_data/fashion_mnist_subset.npz]
 """
+
 import argparse
 import gzip
 from pathlib import Path
 
 import numpy as np
 
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 def read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -50,9 +50,12 @@ def main() -> None:
     np.savez_compressed(
         args.out,
         classes=np.array(CLASSES),
-        train_images=x[train], train_labels=y[train],
-        val_images=x[val], val_labels=y[val],
-        test_images=xt[test], test_labels=yt[test],
+        train_images=x[train],
+        train_labels=y[train],
+        val_images=x[val],
+        val_labels=y[val],
+        test_images=xt[test],
+        test_labels=yt[test],
     )
     print(f"wrote {args.out}: train {len(train)} val {len(val)} test {len(test)}")
 

@@ -8,6 +8,7 @@ synthetic dataset artifact with the preset's shapes. The baselines are those of
 one fixed synthetic batch (no input pipeline at all). Ratios are measured in the same run. MFU is
 against the bf16 dense peak of an H100/H200 (989 TFLOP/s); on a CPU it is not reported.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,20 +39,42 @@ def synthetic_artifacts(cfg: config.Config, root: Path, images: int, num_classes
     size = d.stored_resolution
     dataset = root / "dataset"
     dataset.mkdir(parents=True)
-    x = np.random.default_rng(0).integers(0, 256, (images, size, size, 3), dtype=np.uint8) if d.encoding == "raw" \
+    x = (
+        np.random.default_rng(0).integers(0, 256, (images, size, size, 3), dtype=np.uint8)
+        if d.encoding == "raw"
         else natural_images(images, size)
+    )
     y = np.arange(images) % num_classes
-    splits = {s: prepared.write_split(dataset, s, x[:n], y[:n], d.shard_size, num_classes, d.encoding, d.jpeg_quality)
-              for s, n in (("train", images), ("val", num_classes), ("test", num_classes))}
+    splits = {
+        s: prepared.write_split(dataset, s, x[:n], y[:n], d.shard_size, num_classes, d.encoding, d.jpeg_quality)
+        for s, n in (("train", images), ("val", num_classes), ("test", num_classes))
+    }
     classes = [f"class_{i}" for i in range(num_classes)]
-    (dataset / "manifest.json").write_text(json.dumps({
-        "format": prepared.FORMAT, "source": "synthetic", "classes": classes, "num_classes": num_classes,
-        "stored_resolution": size, "encoding": d.encoding, "splits": splits, "skipped": {"count": 0, "files": []}}))
+    (dataset / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": prepared.FORMAT,
+                "source": "synthetic",
+                "classes": classes,
+                "num_classes": num_classes,
+                "stored_resolution": size,
+                "encoding": d.encoding,
+                "splits": splits,
+                "skipped": {"count": 0, "files": []},
+            }
+        )
+    )
     t = cfg.teacher
     resolutions = config.member_resolutions(t)
     members = [models.create_model(t.arch, num_classes, stem_pool=t.stem_pool, zero_head=False) for _ in resolutions]
-    info = {"role": "teacher", "arch": t.arch, "resolution": t.resolution, "stem_pool": t.stem_pool,
-            "classes": classes, "member_resolutions": resolutions}
+    info = {
+        "role": "teacher",
+        "arch": t.arch,
+        "resolution": t.resolution,
+        "stem_pool": t.stem_pool,
+        "classes": classes,
+        "member_resolutions": resolutions,
+    }
     models.save_bundle(root / "teacher", members, info)
     return dataset, root / "teacher"
 
@@ -68,8 +91,11 @@ def baseline(cfg: config.Config, device: torch.device, num_classes: int, steps: 
     opt = torch.optim.Adam(student.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
     t_fwd, s_fwd = (torch.compile(teacher), torch.compile(student)) if fast else (teacher, student)
     src_t = torch.rand(b, 3, cfg.teacher.resolution, cfg.teacher.resolution, device=device).to(memory_format=fmt)
-    src_s = src_t if cfg.teacher.resolution == res else \
-        F.interpolate(src_t, size=res, mode="bilinear").to(memory_format=fmt)
+    src_s = (
+        src_t
+        if cfg.teacher.resolution == res
+        else F.interpolate(src_t, size=res, mode="bilinear").to(memory_format=fmt)
+    )
     amp = runtime.autocast(device, "bf16" if fast else "fp32")
 
     def step() -> None:
@@ -77,8 +103,9 @@ def baseline(cfg: config.Config, device: torch.device, num_classes: int, steps: 
             with torch.no_grad():
                 t = t_fwd(0.7 * src_t + 0.3 * src_t.roll(1, 0))
             s = s_fwd(0.7 * src_s + 0.3 * src_s.roll(1, 0))
-        loss = F.kl_div(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1), reduction="batchmean",
-                        log_target=True)
+        loss = F.kl_div(
+            F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1), reduction="batchmean", log_target=True
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -101,8 +128,12 @@ def baseline(cfg: config.Config, device: torch.device, num_classes: int, steps: 
         step()
     runtime.synchronize(device)
     sec = (time.perf_counter() - t0) / steps
-    return {"img_per_s": round(b / sec, 1), "step_ms": round(sec * 1e3, 2), "first_call_s": round(first, 1),
-            "flops_per_step": flops}
+    return {
+        "img_per_s": round(b / sec, 1),
+        "step_ms": round(sec * 1e3, 2),
+        "first_call_s": round(first, 1),
+        "flops_per_step": flops,
+    }
 
 
 def bench_distill(preset: str, overrides: list[str], steps: int, compile_baseline: bool = True) -> dict:
@@ -113,9 +144,15 @@ def bench_distill(preset: str, overrides: list[str], steps: int, compile_baselin
     images = max(cfg.distill.batch_size * 4, 64)
     warm = min(10, steps)  # distill.run times from step min(10, steps/4): give it the steps to time
     total = steps + warm * 4
-    cfg = config.apply_overrides(cfg, {"distill.epochs": total * cfg.distill.batch_size / images,
-                                       "distill.warmup_steps": min(cfg.distill.warmup_steps, total - 1),
-                                       "distill.eval_every": 0, "distill.log_every": total})
+    cfg = config.apply_overrides(
+        cfg,
+        {
+            "distill.epochs": total * cfg.distill.batch_size / images,
+            "distill.warmup_steps": min(cfg.distill.warmup_steps, total - 1),
+            "distill.eval_every": 0,
+            "distill.log_every": total,
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         dataset, teacher = synthetic_artifacts(cfg, Path(tmp), images, num_classes)
         if device.type == "cuda":
@@ -129,13 +166,23 @@ def bench_distill(preset: str, overrides: list[str], steps: int, compile_baselin
     def mfu(img_per_s: float) -> float | None:
         return round(flops_per_img * img_per_s / PEAK_BF16, 4) if cuda else None
 
-    loop = {"img_per_s": info["img_per_s"], "mfu": mfu(info["img_per_s"]), "peak_mem_gb": info["peak_mem_gb"],
-            "precision": cfg.runtime.precision, "compile": cfg.runtime.compile}
+    loop = {
+        "img_per_s": info["img_per_s"],
+        "mfu": mfu(info["img_per_s"]),
+        "peak_mem_gb": info["peak_mem_gb"],
+        "precision": cfg.runtime.precision,
+        "compile": cfg.runtime.compile,
+    }
     result = {
-        "preset": preset, "overrides": overrides, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "torch": torch.__version__, "teacher": f"{cfg.teacher.arch}@{cfg.teacher.resolution}",
-        "student": f"{cfg.student.arch}@{cfg.student.resolution}", "batch": cfg.distill.batch_size,
-        "gflop_per_img": round(flops_per_img / 1e9, 3), "loop": loop,
+        "preset": preset,
+        "overrides": overrides,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "teacher": f"{cfg.teacher.arch}@{cfg.teacher.resolution}",
+        "student": f"{cfg.student.arch}@{cfg.student.resolution}",
+        "batch": cfg.distill.batch_size,
+        "gflop_per_img": round(flops_per_img / 1e9, 3),
+        "loop": loop,
         "naive_fp32": naive | {"mfu": mfu(naive["img_per_s"])},
         "compile_bf16_cl": fast and fast | {"mfu": mfu(fast["img_per_s"])},
         "ratio_to_naive": round(loop["img_per_s"] / naive["img_per_s"], 3),
@@ -147,8 +194,10 @@ def bench_distill(preset: str, overrides: list[str], steps: int, compile_baselin
 def command(args) -> int:
     result = bench_distill(args.preset, args.overrides, args.steps, compile_baseline=not args.no_compile_baseline)
     loop, naive, fast = result["loop"], result["naive_fp32"], result["compile_bf16_cl"]
-    print(f"bench distill {result['preset']} on {result['device']}: {result['teacher']} → {result['student']}, "
-          f"batch {result['batch']}, {result['gflop_per_img']} GFLOP/img")
+    print(
+        f"bench distill {result['preset']} on {result['device']}: {result['teacher']} → {result['student']}, "
+        f"batch {result['batch']}, {result['gflop_per_img']} GFLOP/img"
+    )
     print(f"  funmatch loop     {loop['img_per_s']:>10.1f} img/s  MFU {loop['mfu']}  peak {loop['peak_mem_gb']} GB")
     print(f"  naive fp32 eager  {naive['img_per_s']:>10.1f} img/s  MFU {naive['mfu']}")
     if fast:

@@ -7,6 +7,7 @@ photographs cost to decode; the bytes per image are reported to compare) — thr
 pinned memory, copy to the device. For each worker count asked it prints img/s and img/s per worker,
 and the single-process decode rate, and writes them as JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,19 +43,33 @@ def synthetic_dataset(root: Path, images: int, size: int, shard_size: int) -> Pa
     """A JPEG dataset artifact (quality 95, like `data.encoding=jpeg`) of natural-statistics images."""
     root.mkdir(parents=True, exist_ok=True)
     x, y = natural_images(images, size), np.arange(images) % 10
-    splits = {s: prepared.write_split(root, s, x[:n], y[:n], shard_size, 10, "jpeg", 95)
-              for s, n in (("train", images), ("val", 10), ("test", 10))}
-    (root / "manifest.json").write_text(json.dumps({
-        "format": prepared.FORMAT, "source": "synthetic 1/f", "classes": [str(i) for i in range(10)], "num_classes": 10,
-        "stored_resolution": size, "encoding": "jpeg", "jpeg_quality": 95, "splits": splits,
-        "skipped": {"count": 0, "files": []}}))
+    splits = {
+        s: prepared.write_split(root, s, x[:n], y[:n], shard_size, 10, "jpeg", 95)
+        for s, n in (("train", images), ("val", 10), ("test", 10))
+    }
+    (root / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": prepared.FORMAT,
+                "source": "synthetic 1/f",
+                "classes": [str(i) for i in range(10)],
+                "num_classes": 10,
+                "stored_resolution": size,
+                "encoding": "jpeg",
+                "jpeg_quality": 95,
+                "splits": splits,
+                "skipped": {"count": 0, "files": []},
+            }
+        )
+    )
     return root
 
 
 def measure(dataset: Path, device: torch.device, batch_size: int, steps: int, workers: int, decode: str) -> dict:
     """img/s of `steps` streamed batches after the workers' first batches (start-up excluded)."""
-    batches = loader.Batches(dataset, device, 0.0, batch_size, seed=0, rows=torch.arange(batch_size),
-                             workers=workers, jpeg_decode=decode)
+    batches = loader.Batches(
+        dataset, device, 0.0, batch_size, seed=0, rows=torch.arange(batch_size), workers=workers, jpeg_decode=decode
+    )
     warm = batches.workers
     t0 = 0.0
     for i, batch in enumerate(batches.iterate(0, warm + steps)):
@@ -63,8 +78,13 @@ def measure(dataset: Path, device: torch.device, batch_size: int, steps: int, wo
             t0 = time.perf_counter()
     runtime.synchronize(device)
     rate = steps * batch_size / (time.perf_counter() - t0)
-    return {"workers": batches.workers, "decode": decode, "img_per_s": round(rate, 1),
-            "img_per_s_per_worker": round(rate / batches.workers, 1), "batch_shape": list(batch.shape)}
+    return {
+        "workers": batches.workers,
+        "decode": decode,
+        "img_per_s": round(rate, 1),
+        "img_per_s_per_worker": round(rate / batches.workers, 1),
+        "batch_shape": list(batch.shape),
+    }
 
 
 def single_process_rate(dataset: Path, batch_size: int, batches: int) -> float:
@@ -77,37 +97,62 @@ def single_process_rate(dataset: Path, batch_size: int, batches: int) -> float:
     return round(batches * batch_size / (time.perf_counter() - t0), 1)
 
 
-def bench_loader(preset: str, overrides: list[str], dataset: str, images: int, batch_size: int, steps: int,
-                 workers: list[int], decode: str) -> dict:
+def bench_loader(
+    preset: str,
+    overrides: list[str],
+    dataset: str,
+    images: int,
+    batch_size: int,
+    steps: int,
+    workers: list[int],
+    decode: str,
+) -> dict:
     cfg = config.load(preset, overrides)
     device = runtime.setup(cfg.runtime)
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(dataset) if dataset else synthetic_dataset(Path(tmp) / "dataset", images,
-                                                                cfg.data.stored_resolution, cfg.data.shard_size)
+        path = (
+            Path(dataset)
+            if dataset
+            else synthetic_dataset(Path(tmp) / "dataset", images, cfg.data.stored_resolution, cfg.data.shard_size)
+        )
         manifest = prepared.read_manifest(path)
         source = prepared.ShardedImages(path, "train")
         stored = sum((path / sh["images"]).stat().st_size for sh in manifest["splits"]["train"]["shards"])
         one_core = single_process_rate(path, batch_size, max(2, steps // 4))
         torch.set_num_threads(threads)
         runs = [measure(path, device, batch_size, steps, w, decode) for w in workers]
-    return {"dataset": dataset or f"synthetic 1/f, {images} images", "encoding": source.encoding,
-            "stored_resolution": manifest["stored_resolution"], "train_images": len(source),
-            "bytes_per_image": round(stored / len(source)), "batch_size": batch_size, "steps": steps,
-            "device": str(device), "cpus": os.cpu_count(), "single_process_img_per_s": one_core, "runs": runs}
+    return {
+        "dataset": dataset or f"synthetic 1/f, {images} images",
+        "encoding": source.encoding,
+        "stored_resolution": manifest["stored_resolution"],
+        "train_images": len(source),
+        "bytes_per_image": round(stored / len(source)),
+        "batch_size": batch_size,
+        "steps": steps,
+        "device": str(device),
+        "cpus": os.cpu_count(),
+        "single_process_img_per_s": one_core,
+        "runs": runs,
+    }
 
 
 def command(args) -> int:
     workers = [int(w) for w in str(args.workers).split(",")]
-    result = bench_loader(args.preset, args.overrides, args.dataset, args.images, args.batch_size, args.steps,
-                          workers, args.decode)
-    print(f"bench loader: {result['dataset']} ({result['encoding']}, {result['stored_resolution']} px, "
-          f"{result['bytes_per_image']} B/img), batch {result['batch_size']}, {result['cpus']} CPUs, "
-          f"to {result['device']}")
+    result = bench_loader(
+        args.preset, args.overrides, args.dataset, args.images, args.batch_size, args.steps, workers, args.decode
+    )
+    print(
+        f"bench loader: {result['dataset']} ({result['encoding']}, {result['stored_resolution']} px, "
+        f"{result['bytes_per_image']} B/img), batch {result['batch_size']}, {result['cpus']} CPUs, "
+        f"to {result['device']}"
+    )
     print(f"  one process, no workers  {result['single_process_img_per_s']:>9.1f} img/s")
     for run in result["runs"]:
-        print(f"  {run['workers']:>2} worker(s), decode {run['decode']:<6} {run['img_per_s']:>9.1f} img/s "
-              f"({run['img_per_s_per_worker']:.1f} per worker)")
+        print(
+            f"  {run['workers']:>2} worker(s), decode {run['decode']:<6} {run['img_per_s']:>9.1f} img/s "
+            f"({run['img_per_s_per_worker']:.1f} per worker)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

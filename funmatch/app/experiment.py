@@ -8,6 +8,7 @@ table.md and setups.png into DIR. The claims to check (paper): at the longest bu
 consistent > independent and > fixed; funmatch improves with the budget; the fixed teacher's
 student stops improving or degrades at long budgets.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,16 +31,44 @@ log = logging.getLogger(__name__)
 # cpu: ≤ 10 min on 2 cores; gpu: ≤ 8 min on one H100/H200. Both on the bundled Fashion-MNIST subset
 # with a reduced train split, so that long budgets are long in epochs (where fixed teachers overfit).
 SIZES: dict[str, dict] = {
-    "cpu": {"budgets": (10, 30, 90), "overrides": {"data.max_train_per_class": 200, "distill.batch_size": 128,
-                                                   "distill.warmup_steps": 20, "distill.eval_every": 0}},
-    "smoke": {"budgets": (1, 2, 3), "overrides": {"data.max_train_per_class": 16, "distill.batch_size": 32,
-                                                  "distill.warmup_steps": 1, "distill.eval_every": 0,
-                                                  "finetune.steps": 10, "finetune.batch_size": 32}},
-    "gpu": {"budgets": (30, 300, 3000), "overrides": {
-        "data.max_train_per_class": 200, "data.stored_resolution": 40, "teacher.arch": "bit-r50x1",
-        "teacher.resolution": 64, "student.arch": "bit-r14-mini", "student.resolution": 64,
-        "finetune.steps": 1500, "finetune.batch_size": 256, "distill.batch_size": 512, "distill.warmup_steps": 50,
-        "distill.eval_every": 0, "runtime.device": "auto", "runtime.precision": "bf16"}},
+    "cpu": {
+        "budgets": (10, 30, 90),
+        "overrides": {
+            "data.max_train_per_class": 200,
+            "distill.batch_size": 128,
+            "distill.warmup_steps": 20,
+            "distill.eval_every": 0,
+        },
+    },
+    "smoke": {
+        "budgets": (1, 2, 3),
+        "overrides": {
+            "data.max_train_per_class": 16,
+            "distill.batch_size": 32,
+            "distill.warmup_steps": 1,
+            "distill.eval_every": 0,
+            "finetune.steps": 10,
+            "finetune.batch_size": 32,
+        },
+    },
+    "gpu": {
+        "budgets": (30, 300, 3000),
+        "overrides": {
+            "data.max_train_per_class": 200,
+            "data.stored_resolution": 40,
+            "teacher.arch": "bit-r50x1",
+            "teacher.resolution": 64,
+            "student.arch": "bit-r14-mini",
+            "student.resolution": 64,
+            "finetune.steps": 1500,
+            "finetune.batch_size": 256,
+            "distill.batch_size": 512,
+            "distill.warmup_steps": 50,
+            "distill.eval_every": 0,
+            "runtime.device": "auto",
+            "runtime.precision": "bf16",
+        },
+    },
 }
 
 
@@ -67,17 +96,29 @@ def teaching_setups(size: str, out_dir: str | Path) -> dict:
             (student,), _ = models.load_bundle(out / f"student-{setup}-{epochs}", device)
             s_logits = evaluate.predict([student], test_x, cfg.student.resolution, cfg.eval, device)
             history = json.loads((out / f"student-{setup}-{epochs}" / "history.json").read_text())
-            rows.append({"setup": setup, "epochs": epochs, "steps": info["steps"],
-                         "test_prec@1": round(prec1(s_logits, test_y), 4),
-                         "test_agree@1": round(evaluate.distances(s_logits, t_logits)["agree@1"], 4),
-                         "final_train_loss": history[-1]["loss"], "wall_s": round(time.perf_counter() - t0, 1)})
+            rows.append(
+                {
+                    "setup": setup,
+                    "epochs": epochs,
+                    "steps": info["steps"],
+                    "test_prec@1": round(prec1(s_logits, test_y), 4),
+                    "test_agree@1": round(evaluate.distances(s_logits, t_logits)["agree@1"], 4),
+                    "final_train_loss": history[-1]["loss"],
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                }
+            )
             log.info("%s", rows[-1])
-    result = {"size": size, "teacher_test_prec@1": round(teacher_acc, 4), "rows": rows,
-              "train_images": prepared.read_manifest(out / "dataset")["splits"]["train"]["count"],
-              "command": f"funmatch experiment teaching-setups --size {size}",
-              "machine": "{arch}, {threads} threads, {accelerator}".format(**runtime.machine(device)),
-              "date": date.today().isoformat(), "wall_s": round(time.perf_counter() - start, 1),
-              "claims": claims(rows, spec["budgets"])}
+    result = {
+        "size": size,
+        "teacher_test_prec@1": round(teacher_acc, 4),
+        "rows": rows,
+        "train_images": prepared.read_manifest(out / "dataset")["splits"]["train"]["count"],
+        "command": f"funmatch experiment teaching-setups --size {size}",
+        "machine": "{arch}, {threads} threads, {accelerator}".format(**runtime.machine(device)),
+        "date": date.today().isoformat(),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "claims": claims(rows, spec["budgets"]),
+    }
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "table.md").write_text(table(result))
     plot(result, out / "setups.png")
@@ -92,8 +133,9 @@ def claims(rows: list[dict], budgets: tuple[int, ...]) -> dict[str, bool]:
         "longest budget: funmatch >= consistent": acc["funmatch", longest] >= acc["consistent", longest],
         "longest budget: consistent > independent": acc["consistent", longest] > acc["independent", longest],
         "longest budget: consistent > fixed": acc["consistent", longest] > acc["fixed", longest],
-        "funmatch rises with budget": all(acc["funmatch", a] < acc["funmatch", b]
-                                          for a, b in zip(budgets, budgets[1:])),
+        "funmatch rises with budget": all(
+            acc["funmatch", a] < acc["funmatch", b] for a, b in zip(budgets, budgets[1:])
+        ),
         "fixed stops improving at the longest budget": acc["fixed", longest] <= acc["fixed", budgets[-2]] + 0.005,
     }
 
@@ -101,14 +143,18 @@ def claims(rows: list[dict], budgets: tuple[int, ...]) -> dict[str, bool]:
 def table(result: dict) -> str:
     budgets = sorted({r["epochs"] for r in result["rows"]})
     acc = {(r["setup"], r["epochs"]): r for r in result["rows"]}
-    lines = ["| setup | " + " | ".join(f"{b} epochs" for b in budgets) + " |",
-             "|---|" + "---|" * len(budgets)]
+    lines = ["| setup | " + " | ".join(f"{b} epochs" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for setup in SETUPS:
-        cells = [f"{acc[setup, b]['test_prec@1']:.4f} (agree {acc[setup, b]['test_agree@1']:.3f}, "
-                 f"loss {acc[setup, b]['final_train_loss']:.3f})" for b in budgets]
+        cells = [
+            f"{acc[setup, b]['test_prec@1']:.4f} (agree {acc[setup, b]['test_agree@1']:.3f}, "
+            f"loss {acc[setup, b]['final_train_loss']:.3f})"
+            for b in budgets
+        ]
         lines.append(f"| {setup} | " + " | ".join(cells) + " |")
-    lines.append(f"\nTeacher test prec@1: {result['teacher_test_prec@1']:.4f}; train images: {result['train_images']}; "
-                 f"cells: student test prec@1 (top-1 agreement with the teacher, final train KD loss).\n")
+    lines.append(
+        f"\nTeacher test prec@1: {result['teacher_test_prec@1']:.4f}; train images: {result['train_images']}; "
+        f"cells: student test prec@1 (top-1 agreement with the teacher, final train KD loss).\n"
+    )
     lines += [f"- {claim}: **{'holds' if ok else 'does not hold'}**" for claim, ok in result["claims"].items()]
     return "\n".join(lines) + "\n"
 

@@ -19,6 +19,7 @@ on_step, on_checkpoint). From those lines the parent accounts for each kill:
   kill ever cost a completed checkpoint;
 - stray bytes: temporary files of interrupted checkpoint writes left in the directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,6 +55,7 @@ class FaultTestError(FunmatchError):
 
 # ---------------------------------------------------------------- the worker (a child process)
 
+
 def _say(*words: Any) -> None:
     print(TAG, *words, flush=True)
 
@@ -82,15 +84,18 @@ def worker(argv: list[str]) -> int:
     if a.deterministic:
         torch.use_deterministic_algorithms(True)
     cfg = config.load(a.preset, a.overrides)
-    announce = distill.Hooks(on_start=lambda step, ckpt: _say("resumed", step, _bytes(ckpt, step)),
-                             on_step=lambda step: _say("step", step),
-                             on_checkpoint=lambda step, ckpt: _say("saved", step, _bytes(ckpt, step)))
+    announce = distill.Hooks(
+        on_start=lambda step, ckpt: _say("resumed", step, _bytes(ckpt, step)),
+        on_step=lambda step: _say("step", step),
+        on_checkpoint=lambda step, ckpt: _say("saved", step, _bytes(ckpt, step)),
+    )
     distill.run(cfg, a.dataset, a.teacher, a.out, checkpoint_dir=a.checkpoint_dir, hooks=announce)  # SIGTERM: 143
     _say("finished")
     return 0
 
 
 # ---------------------------------------------------------------- the parent
+
 
 class _Attempt:
     """One worker process, watched line by line; signals it once when `kill_at` is reached."""
@@ -192,11 +197,19 @@ def _same_tensors(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
 
 
-def fault_test(preset: str = "demo-tiny", overrides: list[str] | None = None, kills: int = 5,
-               signals: tuple[str, ...] = ("KILL",), seed: int = 0, workdir: str | Path | None = None,
-               dataset_dir: str | Path | None = None, teacher_dir: str | Path | None = None,
-               deterministic: bool = False, worker_timeout_s: float = 600.0,
-               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+def fault_test(
+    preset: str = "demo-tiny",
+    overrides: list[str] | None = None,
+    kills: int = 5,
+    signals: tuple[str, ...] = ("KILL",),
+    seed: int = 0,
+    workdir: str | Path | None = None,
+    dataset_dir: str | Path | None = None,
+    teacher_dir: str | Path | None = None,
+    deterministic: bool = False,
+    worker_timeout_s: float = 600.0,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+) -> dict:
     """Runs the reference and one faulted distillation per signal; returns the report (see module doc)."""
     import numpy as np
     import torch
@@ -233,13 +246,28 @@ def fault_test(preset: str = "demo-tiny", overrides: list[str] | None = None, ki
     n = prepared.read_manifest(dataset_dir)["splits"]["train"]["count"]
     steps = optim.total_steps(k.epochs, n, k.batch_size)
     if not 1 <= kills <= steps - 1:
-        raise FaultTestError(f"--kills {kills} is not allowed: this run has {steps} steps, so 1 to {steps - 1} "
-                             "kills (one per step, never after the last)")
+        raise FaultTestError(
+            f"--kills {kills} is not allowed: this run has {steps} steps, so 1 to {steps - 1} "
+            "kills (one per step, never after the last)"
+        )
 
     def command(name: str) -> list[str]:
-        cmd = [sys.executable, "-m", "funmatch.app.faults", "worker", "--preset", preset,
-               "--dataset", str(dataset_dir), "--teacher", str(teacher_dir),
-               "--out", str(work / name / "student"), "--checkpoint-dir", str(work / name / "checkpoints")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "funmatch.app.faults",
+            "worker",
+            "--preset",
+            preset,
+            "--dataset",
+            str(dataset_dir),
+            "--teacher",
+            str(teacher_dir),
+            "--out",
+            str(work / name / "student"),
+            "--checkpoint-dir",
+            str(work / name / "checkpoints"),
+        ]
         for s in sets:
             cmd += ["--set", s]
         return cmd + (["--deterministic"] if deterministic else [])
@@ -257,16 +285,30 @@ def fault_test(preset: str = "demo-tiny", overrides: list[str] | None = None, ki
     ref_weights = work / "reference" / "student" / "member-0.safetensors"
     machine = runtime.machine()
     report: dict[str, Any] = {
-        "command": "funmatch fault-test " + " ".join([f"--preset {preset}", f"--kills {kills}", f"--seed {seed}",
-                                                      "--signal " + ("both" if len(signals) > 1 else signals[0])] +
-                                                     [f"--set {s}" for s in overrides or []]),
-        "preset": preset, "overrides": sets, "config_hash": cfg.hash(), "steps": steps,
-        "checkpoint_every_steps": k.checkpoint_every_steps, "keep_checkpoints": k.keep_checkpoints,
-        "seed": seed, "deterministic_algorithms": deterministic,
+        "command": "funmatch fault-test "
+        + " ".join(
+            [
+                f"--preset {preset}",
+                f"--kills {kills}",
+                f"--seed {seed}",
+                "--signal " + ("both" if len(signals) > 1 else signals[0]),
+            ]
+            + [f"--set {s}" for s in overrides or []]
+        ),
+        "preset": preset,
+        "overrides": sets,
+        "config_hash": cfg.hash(),
+        "steps": steps,
+        "checkpoint_every_steps": k.checkpoint_every_steps,
+        "keep_checkpoints": k.keep_checkpoints,
+        "seed": seed,
+        "deterministic_algorithms": deterministic,
         "machine": f"{machine['cpu']}, {machine['logical_cpus']} cores, {machine['os']}",
-        "python": machine["python"], "torch": machine["torch"],
+        "python": machine["python"],
+        "torch": machine["torch"],
         "threads": cfg.runtime.num_threads or torch.get_num_threads(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "workdir": str(work),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "workdir": str(work),
         "load_average_1m_at_start": round(os.getloadavg()[0], 2),
         "reference": {"wall_s": round(ref.wall_s, 2), "sha256": storage.sha256_file(ref_weights)},
         "runs": [],
@@ -303,43 +345,64 @@ def fault_test(preset: str = "demo-tiny", overrides: list[str] | None = None, ki
                 committed.setdefault(a.resumed, a.resumed_bytes)
             committed.update(dict(a.saves))
             if a.timed_out:
-                raise FaultTestError(f"SIG{name}: a worker ran past {worker_timeout_s:.0f}s; its log ends:\n"
-                                     f"{a.log_tail()}")
+                raise FaultTestError(
+                    f"SIG{name}: a worker ran past {worker_timeout_s:.0f}s; its log ends:\n{a.log_tail()}"
+                )
             if a.finished and a.exit_code == 0:
                 if a.signalled_at is not None:  # the signal came after its last step: not a kill
                     log(f"fault-test: SIG{name} at step {a.signalled_at} landed after the run had finished")
                 break
             expected = {-signal.SIGKILL} if name == "KILL" else {PREEMPTED_EXIT, -signal.SIGTERM}
             if a.signalled_at is None or a.exit_code not in expected:
-                raise FaultTestError(f"SIG{name}: worker {len(attempts) - 1} ended with exit {a.exit_code} "
-                                     f"(signalled at step {a.signalled_at}); its log ends:\n{a.log_tail()}")
+                raise FaultTestError(
+                    f"SIG{name}: worker {len(attempts) - 1} ended with exit {a.exit_code} "
+                    f"(signalled at step {a.signalled_at}); its log ends:\n{a.log_tail()}"
+                )
             pending.pop(0)
             lost, damaged = _checkpoint_damage(ckpt_dir, committed, k.keep_checkpoints)
-            records.append({
-                "target_step": kill_at, "signalled_at_step": a.signalled_at, "jitter": round(jitter, 3),
-                "exit_code": a.exit_code, "completed_at_death": a.completed,
-                "newest_committed": max(committed, default=0),
-                "checkpointed_on_signal": a.exit_code == PREEMPTED_EXIT and max(committed, default=0) == a.completed,
-                "bytes_lost": lost, "damaged_checkpoints": damaged, "resumed_from": None,
-                "steps_redone": None, "survived": False})
+            records.append(
+                {
+                    "target_step": kill_at,
+                    "signalled_at_step": a.signalled_at,
+                    "jitter": round(jitter, 3),
+                    "exit_code": a.exit_code,
+                    "completed_at_death": a.completed,
+                    "newest_committed": max(committed, default=0),
+                    "checkpointed_on_signal": a.exit_code == PREEMPTED_EXIT
+                    and max(committed, default=0) == a.completed,
+                    "bytes_lost": lost,
+                    "damaged_checkpoints": damaged,
+                    "resumed_from": None,
+                    "steps_redone": None,
+                    "survived": False,
+                }
+            )
         weights = work / name / "student" / "member-0.safetensors"
-        history_same = ((work / name / "student" / "history.json").read_text() ==
-                        (work / "reference" / "student" / "history.json").read_text())
+        history_same = (work / name / "student" / "history.json").read_text() == (
+            work / "reference" / "student" / "history.json"
+        ).read_text()
         sha = storage.sha256_file(weights)
         run = {
-            "signal": f"SIG{name}", "kill_steps": targets, "kills_requested": kills,
-            "kills_survived": sum(r["survived"] for r in records), "kills": records,
+            "signal": f"SIG{name}",
+            "kill_steps": targets,
+            "kills_requested": kills,
+            "kills_survived": sum(r["survived"] for r in records),
+            "kills": records,
             "steps_redone": sum(r["steps_redone"] or 0 for r in records),
-            "bytes_lost": sum(r["bytes_lost"] for r in records), "stray_bytes": _stray_bytes(ckpt_dir),
-            "starts": len(attempts), "wall_s": round(sum(a.wall_s for a in attempts), 2),
+            "bytes_lost": sum(r["bytes_lost"] for r in records),
+            "stray_bytes": _stray_bytes(ckpt_dir),
+            "starts": len(attempts),
+            "wall_s": round(sum(a.wall_s for a in attempts), 2),
             "sha256": sha,
             "bit_identical": sha == report["reference"]["sha256"] and _same_tensors(weights, ref_weights),
             "history_identical": history_same,
         }
-        run["ok"] = (run["bit_identical"] and run["kills_survived"] == kills and run["bytes_lost"] == 0)
+        run["ok"] = run["bit_identical"] and run["kills_survived"] == kills and run["bytes_lost"] == 0
         report["runs"].append(run)
-        log(f"fault-test: SIG{name}: {run['kills_survived']}/{kills} kills survived, {run['steps_redone']} steps "
-            f"redone, {run['bytes_lost']} bytes lost, bit-identical {run['bit_identical']}, {run['wall_s']}s")
+        log(
+            f"fault-test: SIG{name}: {run['kills_survived']}/{kills} kills survived, {run['steps_redone']} steps "
+            f"redone, {run['bytes_lost']} bytes lost, bit-identical {run['bit_identical']}, {run['wall_s']}s"
+        )
     report["ok"] = all(r["ok"] for r in report["runs"])
     report["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
     report["wall_s"] = round(time.perf_counter() - clock, 2)
@@ -347,19 +410,23 @@ def fault_test(preset: str = "demo-tiny", overrides: list[str] | None = None, ki
 
 
 def summary(report: dict) -> str:
-    lines = [f"fault test: {report['preset']}, {report['steps']} distill steps, checkpoint every "
-             f"{report['checkpoint_every_steps']} (keep {report['keep_checkpoints']}), seed {report['seed']}",
-             f"  machine: {report['machine']} (load {report['load_average_1m_at_start']} → "
-             f"{report['load_average_1m_at_end']}); torch {report['torch']}, {report['threads']} threads; "
-             f"{report['date']}",
-             f"  reference (uninterrupted): {report['reference']['wall_s']:.1f}s, "
-             f"weights sha256 {report['reference']['sha256'][:16]}"]
+    lines = [
+        f"fault test: {report['preset']}, {report['steps']} distill steps, checkpoint every "
+        f"{report['checkpoint_every_steps']} (keep {report['keep_checkpoints']}), seed {report['seed']}",
+        f"  machine: {report['machine']} (load {report['load_average_1m_at_start']} → "
+        f"{report['load_average_1m_at_end']}); torch {report['torch']}, {report['threads']} threads; "
+        f"{report['date']}",
+        f"  reference (uninterrupted): {report['reference']['wall_s']:.1f}s, "
+        f"weights sha256 {report['reference']['sha256'][:16]}",
+    ]
     for r in report["runs"]:
-        lines.append(f"  {r['signal']} at steps {r['kill_steps']}: {r['kills_survived']}/{r['kills_requested']} kills "
-                     f"survived, {r['steps_redone']} steps redone, {r['bytes_lost']} bytes lost "
-                     f"({r['stray_bytes']} stray temp bytes), {r['starts']} starts, {r['wall_s']:.1f}s; weights "
-                     f"{'bit-identical' if r['bit_identical'] else 'DIFFER'}, history "
-                     f"{'identical' if r['history_identical'] else 'differs'}")
+        lines.append(
+            f"  {r['signal']} at steps {r['kill_steps']}: {r['kills_survived']}/{r['kills_requested']} kills "
+            f"survived, {r['steps_redone']} steps redone, {r['bytes_lost']} bytes lost "
+            f"({r['stray_bytes']} stray temp bytes), {r['starts']} starts, {r['wall_s']:.1f}s; weights "
+            f"{'bit-identical' if r['bit_identical'] else 'DIFFER'}, history "
+            f"{'identical' if r['history_identical'] else 'differs'}"
+        )
     lines.append(f"  {'PASS' if report['ok'] else 'FAIL'} in {report['wall_s']:.0f}s")
     return "\n".join(lines)
 

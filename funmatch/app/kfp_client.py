@@ -17,6 +17,7 @@ when that is set, as IAP wants, otherwise an OAuth access token); else no token 
 
 kfp is imported inside the functions: `funmatch/` has no top-level KFP import.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,12 @@ DEFAULT_EXPERIMENT = "funmatch"
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
 IR_DIGEST = re.compile(r"IR sha256 ([0-9a-f]{64})")
 CRON_FIELDS = (  # robfig/cron with seconds: name, low, high, names allowed
-    ("second", 0, 59, None), ("minute", 0, 59, None), ("hour", 0, 23, None), ("day-of-month", 1, 31, None),
-    ("month", 1, 12, "JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC"), ("day-of-week", 0, 6, "SUN MON TUE WED THU FRI SAT"),
+    ("second", 0, 59, None),
+    ("minute", 0, 59, None),
+    ("hour", 0, 23, None),
+    ("day-of-month", 1, 31, None),
+    ("month", 1, 12, "JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC"),
+    ("day-of-week", 0, 6, "SUN MON TUE WED THU FRI SAT"),
 )
 
 
@@ -94,13 +99,17 @@ def _google_token() -> tuple[str | None, str]:
                 creds.refresh(request)
                 if getattr(creds, "id_token", None):
                     return creds.id_token, "Google ID token (user credentials)"
-                raise KfpError(f"KF_PIPELINES_IAP_OAUTH2_CLIENT_ID={audience!r} asks for an ID token, but the "
-                               "default credentials cannot mint one; use a service account or set KF_PIPELINES_TOKEN")
+                raise KfpError(
+                    f"KF_PIPELINES_IAP_OAUTH2_CLIENT_ID={audience!r} asks for an ID token, but the "
+                    "default credentials cannot mint one; use a service account or set KF_PIPELINES_TOKEN"
+                )
         creds.refresh(request)
         return creds.token, "Google access token"
     except gexc.GoogleAuthError as e:
-        raise KfpError(f"Google default credentials could not produce a token ({type(e).__name__}: "
-                       f"{' '.join(str(e).split())[:200]}); set KF_PIPELINES_TOKEN instead") from e
+        raise KfpError(
+            f"Google default credentials could not produce a token ({type(e).__name__}: "
+            f"{' '.join(str(e).split())[:200]}); set KF_PIPELINES_TOKEN instead"
+        ) from e
 
 
 # ---------------------------------------------------------------- connection
@@ -123,11 +132,14 @@ def _preflight(host: str, token: str | None, source: str) -> None:
             response.read()
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
-            raise KfpError(f"KFP at {host} refused the credentials ({e.code} {e.reason}); the token came from "
-                           f"{source}") from None
+            raise KfpError(
+                f"KFP at {host} refused the credentials ({e.code} {e.reason}); the token came from {source}"
+            ) from None
         if e.code == 404:
-            raise KfpError(f"{host} has no /apis/v2beta1/healthz (404); expected the KFP API endpoint, e.g. "
-                           "https://HOST/pipeline or a port-forward of ml-pipeline") from None
+            raise KfpError(
+                f"{host} has no /apis/v2beta1/healthz (404); expected the KFP API endpoint, e.g. "
+                "https://HOST/pipeline or a port-forward of ml-pipeline"
+            ) from None
         raise KfpError(f"KFP at {host} answered {e.code} {e.reason} to GET /apis/v2beta1/healthz") from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
@@ -160,8 +172,9 @@ def _api_errors(host: str, action: str):
         with contextlib.suppress(Exception):
             detail = json.loads(e.body).get("message", "") or json.loads(e.body).get("error", "")
         detail = " ".join(str(detail or e.body or "").split())[:200]
-        raise KfpError(f"KFP at {host} answered {e.status} {e.reason} while trying to {action}"
-                       f"{': ' + detail if detail else ''}") from None
+        raise KfpError(
+            f"KFP at {host} answered {e.status} {e.reason} while trying to {action}{': ' + detail if detail else ''}"
+        ) from None
     except urllib3.exceptions.HTTPError as e:
         raise KfpError(f"cannot reach KFP at {host} while trying to {action} ({type(e).__name__})") from None
     except ValueError as e:  # kfp.Client's own checks, e.g. two pipelines of one name
@@ -207,37 +220,49 @@ def ensure_version(client, host: str, cfg: config.Config, package: str, ir_sha: 
         pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
     if pipeline_id is None:
         with _api_errors(host, f"create pipeline {PIPELINE_NAME!r}"):
-            pipeline_id = client.upload_pipeline(package, pipeline_name=PIPELINE_NAME,
-                                                 description="funmatch: patient and consistent distillation").pipeline_id
+            pipeline_id = client.upload_pipeline(
+                package, pipeline_name=PIPELINE_NAME, description="funmatch: patient and consistent distillation"
+            ).pipeline_id
     existing = _find_version(client, host, pipeline_id, name)
     if existing is None:
-        description = f"funmatch {__version__}, preset {cfg.preset}, config {cfg.hash(everything=True)}; IR sha256 {ir_sha}"
+        description = (
+            f"funmatch {__version__}, preset {cfg.preset}, config {cfg.hash(everything=True)}; IR sha256 {ir_sha}"
+        )
         try:
             with _api_errors(host, f"upload pipeline version {name!r}"):
-                version = client.upload_pipeline_version(package, name, pipeline_id=pipeline_id,
-                                                         description=description)
-            return {"pipeline_id": pipeline_id, "version_id": version.pipeline_version_id, "version": name,
-                    "uploaded": True}
+                version = client.upload_pipeline_version(
+                    package, name, pipeline_id=pipeline_id, description=description
+                )
+            return {
+                "pipeline_id": pipeline_id,
+                "version_id": version.pipeline_version_id,
+                "version": name,
+                "uploaded": True,
+            }
         except KfpError:
             existing = _find_version(client, host, pipeline_id, name)  # a concurrent submit uploaded it first
             if existing is None:
                 raise
     found = IR_DIGEST.search(existing.description or "")
     if found and found.group(1) != ir_sha:
-        raise KfpError(f"pipeline version {name!r} already exists with other IR (sha256 {found.group(1)[:12]}…, "
-                       f"this one {ir_sha[:12]}…): code or FUNMATCH_IMAGE_* changed without a package version "
-                       "bump; bump the version or delete that pipeline version")
+        raise KfpError(
+            f"pipeline version {name!r} already exists with other IR (sha256 {found.group(1)[:12]}…, "
+            f"this one {ir_sha[:12]}…): code or FUNMATCH_IMAGE_* changed without a package version "
+            "bump; bump the version or delete that pipeline version"
+        )
     if not found:
         log.warning("pipeline version %s records no IR digest; reusing it as is", name)
-    return {"pipeline_id": pipeline_id, "version_id": existing.pipeline_version_id, "version": name,
-            "uploaded": False}
+    return {"pipeline_id": pipeline_id, "version_id": existing.pipeline_version_id, "version": name, "uploaded": False}
 
 
 def _find_version(client, host: str, pipeline_id: str, name: str):
     with _api_errors(host, f"list versions of pipeline {PIPELINE_NAME!r}"):
-        versions = _pages(lambda token: client.list_pipeline_versions(pipeline_id, page_token=token, page_size=100,
-                                                                      filter=_name_filter(name)),
-                          "pipeline_versions")
+        versions = _pages(
+            lambda token: client.list_pipeline_versions(
+                pipeline_id, page_token=token, page_size=100, filter=_name_filter(name)
+            ),
+            "pipeline_versions",
+        )
         return next((v for v in versions if v.display_name == name), None)  # checked here too
 
 
@@ -260,17 +285,31 @@ def _version_and_experiment(host: str, cfg: config.Config, experiment: str, name
     return client, host, version, _experiment(client, host, experiment, namespace)
 
 
-def submit(host: str, cfg: config.Config, experiment: str = DEFAULT_EXPERIMENT, namespace: str | None = None,
-           publish_uri: str = "") -> dict:
+def submit(
+    host: str,
+    cfg: config.Config,
+    experiment: str = DEFAULT_EXPERIMENT,
+    namespace: str | None = None,
+    publish_uri: str = "",
+) -> dict:
     """Uploads (or reuses) the pipeline version for `cfg` and starts a run; returns ids and the run's URL."""
     client, host, version, exp = _version_and_experiment(host, cfg, experiment, namespace)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     run_name = f"funmatch-{cfg.preset}-{cfg.hash(everything=True)[:8]}-{stamp}"
     with _api_errors(host, f"start run {run_name!r}"):
-        run = client.run_pipeline(exp.experiment_id, run_name, pipeline_id=version["pipeline_id"],
-                                  version_id=version["version_id"], params=_params(publish_uri))
-    return version | {"experiment_id": exp.experiment_id, "run_id": run.run_id, "run_name": run_name,
-                      "url": f"{host}/#/runs/details/{run.run_id}"}
+        run = client.run_pipeline(
+            exp.experiment_id,
+            run_name,
+            pipeline_id=version["pipeline_id"],
+            version_id=version["version_id"],
+            params=_params(publish_uri),
+        )
+    return version | {
+        "experiment_id": exp.experiment_id,
+        "run_id": run.run_id,
+        "run_name": run_name,
+        "url": f"{host}/#/runs/details/{run.run_id}",
+    }
 
 
 def check_cron(cron: str) -> str:
@@ -278,8 +317,10 @@ def check_cron(cron: str) -> str:
     fields = cron.split()
     example = "e.g. '0 0 3 * * 0' = 03:00 every Sunday"
     if len(fields) != 6:
-        raise KfpError(f"--cron {cron!r} has {len(fields)} fields; expected 6, seconds first "
-                       f"(second minute hour day-of-month month day-of-week), {example}")
+        raise KfpError(
+            f"--cron {cron!r} has {len(fields)} fields; expected 6, seconds first "
+            f"(second minute hour day-of-month month day-of-week), {example}"
+        )
     for text, (what, low, high, names) in zip(fields, CRON_FIELDS):
         for part in text.split(","):
             base, _, step = part.partition("/")
@@ -289,47 +330,89 @@ def check_cron(cron: str) -> str:
                 continue
             for value in base.split("-", 1):
                 upper = value.upper()
-                number = names.split().index(upper) + low if names and upper in names.split() else (
-                    int(value) if value.isdigit() else None)
+                number = (
+                    names.split().index(upper) + low
+                    if names and upper in names.split()
+                    else (int(value) if value.isdigit() else None)
+                )
                 if number is None or not low <= number <= high:
-                    raise KfpError(f"--cron {cron!r}: {what} {value!r} is not in {low}-{high}"
-                                   f"{' or ' + names.split()[0] + '-' + names.split()[-1] if names else ''}; {example}")
+                    raise KfpError(
+                        f"--cron {cron!r}: {what} {value!r} is not in {low}-{high}"
+                        f"{' or ' + names.split()[0] + '-' + names.split()[-1] if names else ''}; {example}"
+                    )
     return " ".join(fields)
 
 
-def schedule(host: str, cfg: config.Config, cron: str, name: str | None = None,
-             experiment: str = DEFAULT_EXPERIMENT, namespace: str | None = None, publish_uri: str = "") -> dict:
+def schedule(
+    host: str,
+    cfg: config.Config,
+    cron: str,
+    name: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    namespace: str | None = None,
+    publish_uri: str = "",
+) -> dict:
     """Creates the recurring run `name`, or replaces the one of that name that differs; see the module docstring."""
     cron = check_cron(cron)
     name = name or f"funmatch-{cfg.preset}"
     client, host, version, exp = _version_and_experiment(host, cfg, experiment, namespace)
     params = _params(publish_uri)
     with _api_errors(host, f"list recurring runs named {name!r}"):
-        existing = [r for r in _pages(lambda token: client.list_recurring_runs(
-            page_token=token, page_size=100, experiment_id=exp.experiment_id, filter=_name_filter(name)),
-            "recurring_runs") if r.display_name == name]
+        existing = [
+            r
+            for r in _pages(
+                lambda token: client.list_recurring_runs(
+                    page_token=token, page_size=100, experiment_id=exp.experiment_id, filter=_name_filter(name)
+                ),
+                "recurring_runs",
+            )
+            if r.display_name == name
+        ]
 
     def same(r) -> bool:
         ref, trigger, runtime = r.pipeline_version_reference, r.trigger, r.runtime_config
-        return (ref is not None and ref.pipeline_version_id == version["version_id"]
-                and trigger is not None and trigger.cron_schedule is not None and trigger.cron_schedule.cron == cron
-                and str(r.mode).upper().endswith("ENABLE")
-                and dict((runtime.parameters if runtime else None) or {}) == params)
+        return (
+            ref is not None
+            and ref.pipeline_version_id == version["version_id"]
+            and trigger is not None
+            and trigger.cron_schedule is not None
+            and trigger.cron_schedule.cron == cron
+            and str(r.mode).upper().endswith("ENABLE")
+            and dict((runtime.parameters if runtime else None) or {}) == params
+        )
 
     if len(existing) == 1 and same(existing[0]):
-        return version | {"experiment_id": exp.experiment_id, "recurring_run_id": existing[0].recurring_run_id,
-                          "name": name, "cron": cron, "action": "unchanged"}
+        return version | {
+            "experiment_id": exp.experiment_id,
+            "recurring_run_id": existing[0].recurring_run_id,
+            "name": name,
+            "cron": cron,
+            "action": "unchanged",
+        }
     with _api_errors(host, f"create recurring run {name!r}"):
-        created = client.create_recurring_run(exp.experiment_id, name, description=f"funmatch {cfg.preset}: {cron}",
-                                              cron_expression=cron, max_concurrency=1, no_catchup=True,
-                                              pipeline_id=version["pipeline_id"], version_id=version["version_id"],
-                                              params=params, enabled=True)
+        created = client.create_recurring_run(
+            exp.experiment_id,
+            name,
+            description=f"funmatch {cfg.preset}: {cron}",
+            cron_expression=cron,
+            max_concurrency=1,
+            no_catchup=True,
+            pipeline_id=version["pipeline_id"],
+            version_id=version["version_id"],
+            params=params,
+            enabled=True,
+        )
     for old in existing:  # after the new one exists: a failure here leaves two, never none
         with _api_errors(host, f"delete the replaced recurring run {old.recurring_run_id}"):
             client.delete_recurring_run(old.recurring_run_id)
-    return version | {"experiment_id": exp.experiment_id, "recurring_run_id": created.recurring_run_id,
-                      "name": name, "cron": cron, "action": "updated" if existing else "created",
-                      "replaced": [r.recurring_run_id for r in existing]}
+    return version | {
+        "experiment_id": exp.experiment_id,
+        "recurring_run_id": created.recurring_run_id,
+        "name": name,
+        "cron": cron,
+        "action": "updated" if existing else "created",
+        "replaced": [r.recurring_run_id for r in existing],
+    }
 
 
 # ---------------------------------------------------------------- command line
@@ -338,15 +421,19 @@ def schedule(host: str, cfg: config.Config, cron: str, name: str | None = None,
 def cmd_submit(args: argparse.Namespace) -> int:
     cfg = config.load(args.preset, args.overrides)
     r = submit(args.host, cfg, args.experiment, args.namespace, args.publish_uri)
-    print(f"funmatch: run {r['run_id']} ({r['run_name']}) of pipeline {PIPELINE_NAME} version {r['version']} "
-          f"({'uploaded' if r['uploaded'] else 'reused'}) in experiment {args.experiment}\n  {r['url']}")
+    print(
+        f"funmatch: run {r['run_id']} ({r['run_name']}) of pipeline {PIPELINE_NAME} version {r['version']} "
+        f"({'uploaded' if r['uploaded'] else 'reused'}) in experiment {args.experiment}\n  {r['url']}"
+    )
     return 0
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     cfg = config.load(args.preset, args.overrides)
     r = schedule(args.host, cfg, args.cron, args.name, args.experiment, args.namespace, args.publish_uri)
-    print(f"funmatch: recurring run {r['name']} ({r['recurring_run_id']}) {r['action']}: cron '{r['cron']}', "
-          f"pipeline {PIPELINE_NAME} version {r['version']} ({'uploaded' if r['uploaded'] else 'reused'}), "
-          f"experiment {args.experiment}")
+    print(
+        f"funmatch: recurring run {r['name']} ({r['recurring_run_id']}) {r['action']}: cron '{r['cron']}', "
+        f"pipeline {PIPELINE_NAME} version {r['version']} ({'uploaded' if r['uploaded'] else 'reused'}), "
+        f"experiment {args.experiment}"
+    )
     return 0

@@ -4,6 +4,7 @@ A preset file holds `description`, `expected` (metric, value, runtime) and `conf
 `Config`); `base: NAME` inherits another preset. Files whose name starts with `_` are bases only.
 Every value is checked here, before any data is read or any model is built.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,9 +65,13 @@ class TeacherConfig:
     """The frozen teacher; `init` may list several checkpoints (comma-separated) for an ensemble."""
 
     arch: str = setting("bit-r152x2", parameter="teacher_arch")
-    init: str = setting("none", parameter="teacher_init")  # none | path or gs:// URI of a BiT .npz or a .safetensors file
+    init: str = setting(
+        "none", parameter="teacher_init"
+    )  # none | path or gs:// URI of a BiT .npz or a .safetensors file
     resolution: int = setting(128, parameter="teacher_resolution")
-    finetune: bool = setting(True, parameter="teacher_finetune")  # false: `init` is already fine-tuned for this dataset's classes
+    finetune: bool = setting(
+        True, parameter="teacher_finetune"
+    )  # false: `init` is already fine-tuned for this dataset's classes
     member_resolutions: str = ""  # ensembles: one resolution per `init` entry (e.g. '384,224'); empty: `resolution`
     stem_pool: str = "zero_pad"  # zero_pad (big_transfer) | neg_inf_pad (big_vision bit_paper)
 
@@ -97,7 +102,9 @@ class DistillConfig:
     epochs: float = setting(10000.0, parameter="distill_epochs")
     batch_size: int = setting(512, parameter="distill_batch_size")
     lr: float = setting(0.003, parameter="distill_lr")
-    weight_decay: float = setting(3e-4, parameter="distill_weight_decay")  # big_vision semantics: scaled by the schedule, not by lr
+    weight_decay: float = setting(
+        3e-4, parameter="distill_weight_decay"
+    )  # big_vision semantics: scaled by the schedule, not by lr
     temperature: float = setting(10.0, parameter="distill_temperature")
     warmup_steps: int = 1500
     grad_clip_norm: float = 1.0
@@ -106,11 +113,15 @@ class DistillConfig:
     crop_min_area: float = 0.05  # inception crop area range (fraction of the image)
     crop_max_area: float = 1.0
     log_every: int = setting(50, hashed=False)  # steps between host syncs for logging
-    eval_every: int = setting(0, hashed=False)  # steps between student val evaluations during training; 0: only at the end
+    eval_every: int = setting(
+        0, hashed=False
+    )  # steps between student val evaluations during training; 0: only at the end
     checkpoint_every_steps: int = setting(1000, hashed=False)
     checkpoint_every_minutes: float = setting(10.0, hashed=False)
     keep_checkpoints: int = setting(3, hashed=False)
-    num_nodes: int = setting(1, hashed=False)  # >1: a Kubeflow Trainer TrainJob runs the stage on that many nodes (funmatch/launch/trainjob.py)
+    num_nodes: int = setting(
+        1, hashed=False
+    )  # >1: a Kubeflow Trainer TrainJob runs the stage on that many nodes (funmatch/launch/trainjob.py)
 
 
 @dataclass
@@ -168,10 +179,18 @@ class RuntimeConfig:
     compile_cache: str = setting("", hashed=False)
     checkpoint_dir: str = setting("", hashed=False)  # durable checkpoint location (path or gs://); empty: none
     allow_config_change: bool = setting(False, hashed=False)  # resume from checkpoints made with another config hash
-    resident_max_gb: float = setting(16.0, hashed=False)  # train splits up to this size live on the device as uint8; larger ones stream
-    loader_workers: int = setting(0, hashed=False)  # streamed data: decode processes; 0: this process's CPUs less one (funmatch/data/loader.py)
-    jpeg_decode: str = setting("cpu", hashed=False)  # streamed jpeg data: cpu (libjpeg-turbo in the workers) | device (nvJPEG on the GPU)
-    sync_debug: bool = setting(False, hashed=False)  # CUDA: warn (with the line) at every host-GPU synchronisation in distill's timed steps
+    resident_max_gb: float = setting(
+        16.0, hashed=False
+    )  # train splits up to this size live on the device as uint8; larger ones stream
+    loader_workers: int = setting(
+        0, hashed=False
+    )  # streamed data: decode processes; 0: this process's CPUs less one (funmatch/data/loader.py)
+    jpeg_decode: str = setting(
+        "cpu", hashed=False
+    )  # streamed jpeg data: cpu (libjpeg-turbo in the workers) | device (nvJPEG on the GPU)
+    sync_debug: bool = setting(
+        False, hashed=False
+    )  # CUDA: warn (with the line) at every host-GPU synchronisation in distill's timed steps
 
 
 @dataclass
@@ -226,6 +245,7 @@ class Config:
 
 # ---------------------------------------------------------------- keys, types, parsing
 
+
 def _fields(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field]:
     """Every dotted leaf key with its dataclass field (type and declared metadata)."""
     out: dict[str, dataclasses.Field] = {}
@@ -248,6 +268,7 @@ def get(cfg: Config, key: str) -> Any:
     """The value of a dotted key."""
     section, name = key.split(".")
     return getattr(getattr(cfg, section), name)
+
 
 def all_keys(cls: type = Config, prefix: str = "") -> dict[str, type]:
     """Every dotted leaf key with its type, e.g. {'distill.epochs': float, ...}."""
@@ -335,6 +356,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # ---------------------------------------------------------------- presets
 
+
 def _preset_files() -> dict[str, Any]:
     root = resources.files("funmatch.config.presets")
     return {p.name[:-5]: p for p in root.iterdir() if p.name.endswith(".yaml")}
@@ -367,14 +389,28 @@ def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
 # `smoke=true`: the preset's own recipe (setup, loss, temperature, lr, wd, optimizer, crops) on the
 # bundled data with mini BiT-style models at 32 px for a few dozen steps on the CPU.
 SMOKE: dict[str, Any] = {
-    "data.source": "demo", "data.stored_resolution": 28,
-    "teacher.arch": "bit-r18-mini", "teacher.init": "none", "teacher.finetune": True, "teacher.resolution": 32,
+    "data.source": "demo",
+    "data.stored_resolution": 28,
+    "teacher.arch": "bit-r18-mini",
+    "teacher.init": "none",
+    "teacher.finetune": True,
+    "teacher.resolution": 32,
     "teacher.member_resolutions": "",
-    "student.arch": "bit-r14-mini", "student.init": "none", "student.resolution": 32,
-    "finetune.steps": 10, "finetune.batch_size": 32, "distill.epochs": 0.1, "distill.batch_size": 32,
-    "distill.warmup_steps": 5, "distill.log_every": 5, "distill.eval_every": 0,
-    "distill.checkpoint_every_steps": 10, "eval.batch_size": 256, "runtime.device": "cpu",
-    "gate.min_student_acc": 0.0, "gate.min_teacher_ratio": 0.0,
+    "student.arch": "bit-r14-mini",
+    "student.init": "none",
+    "student.resolution": 32,
+    "finetune.steps": 10,
+    "finetune.batch_size": 32,
+    "distill.epochs": 0.1,
+    "distill.batch_size": 32,
+    "distill.warmup_steps": 5,
+    "distill.log_every": 5,
+    "distill.eval_every": 0,
+    "distill.checkpoint_every_steps": 10,
+    "eval.batch_size": 256,
+    "runtime.device": "cpu",
+    "gate.min_student_acc": 0.0,
+    "gate.min_teacher_ratio": 0.0,
 }
 
 
@@ -425,6 +461,7 @@ def from_json(text: str) -> Config:
 
 # ---------------------------------------------------------------- validation
 
+
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: expected {allowed}")
@@ -438,10 +475,16 @@ def validate(cfg: Config) -> None:
     _check(d.stored_resolution > 0, "data.stored_resolution", d.stored_resolution, "a positive integer")
     for key, v in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
         _check(0 <= v < 1, key, v, "a fraction in [0, 1)")
-    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction", d.val_fraction,
-           f"val_fraction + test_fraction < 1 (test_fraction={d.test_fraction})")
+    _check(
+        d.val_fraction + d.test_fraction < 1,
+        "data.val_fraction",
+        d.val_fraction,
+        f"val_fraction + test_fraction < 1 (test_fraction={d.test_fraction})",
+    )
     _check(d.shard_size > 0, "data.shard_size", d.shard_size, "a positive integer")
-    _check(d.max_train_per_class >= 0, "data.max_train_per_class", d.max_train_per_class, "0 (all) or a positive integer")
+    _check(
+        d.max_train_per_class >= 0, "data.max_train_per_class", d.max_train_per_class, "0 (all) or a positive integer"
+    )
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "a fraction in [0, 1]")
     _check(d.encoding in ("raw", "jpeg"), "data.encoding", d.encoding, "raw or jpeg")
     _check(1 <= d.jpeg_quality <= 100, "data.jpeg_quality", d.jpeg_quality, "an integer in [1, 100]")
@@ -452,26 +495,46 @@ def validate(cfg: Config) -> None:
         archs.check_resolution(f"{role}.resolution", m.arch, m.resolution)
         _check(m.stem_pool in STEM_POOLS, f"{role}.stem_pool", m.stem_pool, f"one of {', '.join(STEM_POOLS)}")
         for uri in split_uris(m.init):
-            _check(uri.endswith((".npz", ".safetensors")), f"{role}.init", m.init,
-                   "'none' or paths / gs:// URIs ending in .npz or .safetensors, comma-separated")
+            _check(
+                uri.endswith((".npz", ".safetensors")),
+                f"{role}.init",
+                m.init,
+                "'none' or paths / gs:// URIs ending in .npz or .safetensors, comma-separated",
+            )
     _check(len(split_uris(s.init)) <= 1, "student.init", s.init, "'none' or a single checkpoint")
     resolutions = member_resolutions(t)
-    _check(len(resolutions) == max(1, len(split_uris(t.init))), "teacher.member_resolutions", t.member_resolutions,
-           f"empty or one resolution per teacher.init entry ({len(split_uris(t.init))})")
+    _check(
+        len(resolutions) == max(1, len(split_uris(t.init))),
+        "teacher.member_resolutions",
+        t.member_resolutions,
+        f"empty or one resolution per teacher.init entry ({len(split_uris(t.init))})",
+    )
     for r in resolutions:
         archs.check_resolution("teacher.member_resolutions", t.arch, r)
     _check(d.source != "demo" or not d.root, "data.root", d.root, "empty when data.source is 'demo'")
-    _check(t.finetune or bool(split_uris(t.init)), "teacher.finetune", t.finetune,
-           "true when teacher.init is 'none' (a teacher must be trained or given)")
-    _check(not t.finetune or len(split_uris(t.init)) <= 1, "teacher.init", t.init,
-           "a single checkpoint when teacher.finetune is true (ensembles are given already fine-tuned)")
+    _check(
+        t.finetune or bool(split_uris(t.init)),
+        "teacher.finetune",
+        t.finetune,
+        "true when teacher.init is 'none' (a teacher must be trained or given)",
+    )
+    _check(
+        not t.finetune or len(split_uris(t.init)) <= 1,
+        "teacher.init",
+        t.init,
+        "a single checkpoint when teacher.finetune is true (ensembles are given already fine-tuned)",
+    )
 
     _check(f.steps >= 0, "finetune.steps", f.steps, "0 (BiT-HyperRule) or a positive number of steps")
     _check(f.batch_size > 0, "finetune.batch_size", f.batch_size, "a positive integer")
     _check(f.lr > 0, "finetune.lr", f.lr, "a positive number")
     _check(0 <= f.momentum < 1, "finetune.momentum", f.momentum, "a number in [0, 1)")
-    _check(f.mixup_alpha == -1 or f.mixup_alpha >= 0, "finetune.mixup_alpha", f.mixup_alpha,
-           "-1 (HyperRule) or a non-negative number")
+    _check(
+        f.mixup_alpha == -1 or f.mixup_alpha >= 0,
+        "finetune.mixup_alpha",
+        f.mixup_alpha,
+        "-1 (HyperRule) or a non-negative number",
+    )
 
     _check(k.setup in SETUPS, "distill.setup", k.setup, f"one of {', '.join(SETUPS)}")
     _check(k.epochs > 0, "distill.epochs", k.epochs, "a positive number")
@@ -485,14 +548,23 @@ def validate(cfg: Config) -> None:
     for i, (arch, res) in enumerate(extra_students(k)):
         archs.check_arch(f"distill.extra_students[{i}]", arch)
         archs.check_resolution(f"distill.extra_students[{i}]", arch, res)
-    _check(0 < k.crop_min_area <= k.crop_max_area <= 1, "distill.crop_min_area", k.crop_min_area,
-           f"0 < crop_min_area <= crop_max_area <= 1 (crop_max_area={k.crop_max_area})")
+    _check(
+        0 < k.crop_min_area <= k.crop_max_area <= 1,
+        "distill.crop_min_area",
+        k.crop_min_area,
+        f"0 < crop_min_area <= crop_max_area <= 1 (crop_max_area={k.crop_max_area})",
+    )
     _check(k.log_every > 0, "distill.log_every", k.log_every, "a positive integer")
     _check(k.eval_every >= 0, "distill.eval_every", k.eval_every, "a non-negative integer")
-    _check(k.checkpoint_every_steps > 0, "distill.checkpoint_every_steps", k.checkpoint_every_steps,
-           "a positive integer")
-    _check(k.checkpoint_every_minutes > 0, "distill.checkpoint_every_minutes", k.checkpoint_every_minutes,
-           "a positive number")
+    _check(
+        k.checkpoint_every_steps > 0, "distill.checkpoint_every_steps", k.checkpoint_every_steps, "a positive integer"
+    )
+    _check(
+        k.checkpoint_every_minutes > 0,
+        "distill.checkpoint_every_minutes",
+        k.checkpoint_every_minutes,
+        "a positive number",
+    )
     _check(k.keep_checkpoints >= 1, "distill.keep_checkpoints", k.keep_checkpoints, "at least 1")
     _check(k.num_nodes >= 1, "distill.num_nodes", k.num_nodes, "a positive integer (>1: a TrainJob on that many nodes)")
 
@@ -501,28 +573,47 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.minitrain_size >= 0, "eval.minitrain_size", cfg.eval.minitrain_size, "a non-negative integer")
     _check(cfg.export.opset >= 17, "export.opset", cfg.export.opset, "17 or higher")
     _check(cfg.export.max_abs_diff > 0, "export.max_abs_diff", cfg.export.max_abs_diff, "a positive number")
-    _check(cfg.export.calibration_images > 0, "export.calibration_images", cfg.export.calibration_images,
-           "a positive integer")
-    _check(0 <= cfg.export.max_int8_drop <= 1, "export.max_int8_drop", cfg.export.max_int8_drop,
-           "a fraction in [0, 1] (0.01 = one point of prec@1)")
+    _check(
+        cfg.export.calibration_images > 0,
+        "export.calibration_images",
+        cfg.export.calibration_images,
+        "a positive integer",
+    )
+    _check(
+        0 <= cfg.export.max_int8_drop <= 1,
+        "export.max_int8_drop",
+        cfg.export.max_int8_drop,
+        "a fraction in [0, 1] (0.01 = one point of prec@1)",
+    )
 
     _check(0 <= cfg.gate.min_student_acc <= 1, "gate.min_student_acc", cfg.gate.min_student_acc, "a fraction in [0, 1]")
-    _check(cfg.gate.min_teacher_ratio >= 0, "gate.min_teacher_ratio", cfg.gate.min_teacher_ratio,
-           "a non-negative ratio")
+    _check(
+        cfg.gate.min_teacher_ratio >= 0, "gate.min_teacher_ratio", cfg.gate.min_teacher_ratio, "a non-negative ratio"
+    )
     r = cfg.resources
     _check(r.accelerator_count >= 0, "resources.accelerator_count", r.accelerator_count, "a non-negative integer")
     _check(r.timeout_hours > 0, "resources.timeout_hours", r.timeout_hours, "a positive number")
     _check(r.retries >= 0, "resources.retries", r.retries, "a non-negative integer")
-    _check(bool(re.fullmatch(r"[0-9]+(\.[0-9]+)?([KMGT]i?)?", r.shm_size)), "resources.shm_size", r.shm_size,
-           "a Kubernetes quantity such as 16Gi")
+    _check(
+        bool(re.fullmatch(r"[0-9]+(\.[0-9]+)?([KMGT]i?)?", r.shm_size)),
+        "resources.shm_size",
+        r.shm_size,
+        "a Kubernetes quantity such as 16Gi",
+    )
     rt = cfg.runtime
-    _check(bool(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", rt.device)), "runtime.device", rt.device,
-           "auto, cpu, cuda or cuda:N")
+    _check(
+        bool(re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", rt.device)),
+        "runtime.device",
+        rt.device,
+        "auto, cpu, cuda or cuda:N",
+    )
     _check(rt.num_threads >= 0, "runtime.num_threads", rt.num_threads, "a non-negative integer")
     _check(rt.resident_max_gb >= 0, "runtime.resident_max_gb", rt.resident_max_gb, "a non-negative number of GiB")
     _check(rt.loader_workers >= 0, "runtime.loader_workers", rt.loader_workers, "0 (auto) or a positive integer")
     _check(rt.jpeg_decode in JPEG_DECODERS, "runtime.jpeg_decode", rt.jpeg_decode, f"one of {', '.join(JPEG_DECODERS)}")
-    _check(rt.compile_mode in COMPILE_MODES, "runtime.compile_mode", rt.compile_mode, f"one of {', '.join(COMPILE_MODES)}")
+    _check(
+        rt.compile_mode in COMPILE_MODES, "runtime.compile_mode", rt.compile_mode, f"one of {', '.join(COMPILE_MODES)}"
+    )
     _check(rt.precision in PRECISIONS, "runtime.precision", rt.precision, f"one of {', '.join(PRECISIONS)}")
 
 
@@ -532,8 +623,10 @@ def extra_students(k: DistillConfig) -> list[tuple[str, int]]:
     for item in filter(None, (i.strip() for i in k.extra_students.split(","))):
         arch, _, res = item.partition("@")
         if not res.isdigit():
-            raise ConfigError(f"distill.extra_students={k.extra_students!r} is not allowed: expected "
-                              "comma-separated ARCH@RESOLUTION entries such as 'bit-r50x1@160'")
+            raise ConfigError(
+                f"distill.extra_students={k.extra_students!r} is not allowed: expected "
+                "comma-separated ARCH@RESOLUTION entries such as 'bit-r50x1@160'"
+            )
         out.append((arch, int(res)))
     return out
 
@@ -545,8 +638,10 @@ def member_resolutions(teacher: TeacherConfig) -> list[int]:
     try:
         return [int(r) for r in teacher.member_resolutions.split(",")]
     except ValueError:
-        raise ConfigError(f"teacher.member_resolutions={teacher.member_resolutions!r} is not allowed: "
-                          "expected comma-separated integers such as '384,224'") from None
+        raise ConfigError(
+            f"teacher.member_resolutions={teacher.member_resolutions!r} is not allowed: "
+            "expected comma-separated integers such as '384,224'"
+        ) from None
 
 
 def split_uris(init: str) -> list[str]:
@@ -563,9 +658,12 @@ def describe_presets() -> dict[str, dict[str, Any]]:
         cfg = load(name)
         e = cfg.expected
         images = cfg.distill.epochs * e.train_size
-        out[name] = {"description": cfg.description, "expected": dataclasses.asdict(e),
-                     "images_processed": images,
-                     "gpu_hours": round(images / e.img_per_s / 3600, 2) if e.img_per_s else None,
-                     "smoke": f"funmatch run --preset {name} --set smoke=true",
-                     "config": cfg.to_dict()}
+        out[name] = {
+            "description": cfg.description,
+            "expected": dataclasses.asdict(e),
+            "images_processed": images,
+            "gpu_hours": round(images / e.img_per_s / 3600, 2) if e.img_per_s else None,
+            "smoke": f"funmatch run --preset {name} --set smoke=true",
+            "config": cfg.to_dict(),
+        }
     return out

@@ -1,5 +1,6 @@
 """The architectures funmatch knows, by name, and the checks a config gets for them (no torch here:
 `funmatch.recipe.models` builds the networks)."""
+
 from __future__ import annotations
 
 import difflib

@@ -9,13 +9,14 @@ the workers only read the JPEG bytes and the device decodes the batch (nvJPEG on
 The batch of step s is a pure function of (seed, s) on every path, so a resumed run sees the same data.
 Under DDP each rank builds only the rows its views use (`augment.shard_rows`).
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -42,8 +43,15 @@ def plan_workers(requested: int, batch_bytes: int) -> int:
         shm = os.statvfs(SHM)
         fits = int(shm.f_bavail * shm.f_frsize / 2 / local // (batch_bytes * PREFETCH))
         if fits < workers:
-            log.warning("loader: %d worker(s) instead of %d: %s has room for %d batches of %.0f MB in flight "
-                        "(raise the pod's shm size)", max(1, fits), workers, SHM, fits * PREFETCH, batch_bytes / 1e6)
+            log.warning(
+                "loader: %d worker(s) instead of %d: %s has room for %d batches of %.0f MB in flight "
+                "(raise the pod's shm size)",
+                max(1, fits),
+                workers,
+                SHM,
+                fits * PREFETCH,
+                batch_bytes / 1e6,
+            )
             workers = max(1, fits)
     return workers
 
@@ -57,8 +65,9 @@ class StepBatches(Dataset):
     """Item s = the rows `rows` of step s's batch: decoded uint8 N×S×S×3, or (when `encoded`) the JPEG
     bytes back to back with their N+1 offsets."""
 
-    def __init__(self, source: prepared.ShardedImages, batch_size: int, seed: int, rows: torch.Tensor,
-                 encoded: bool = False) -> None:
+    def __init__(
+        self, source: prepared.ShardedImages, batch_size: int, seed: int, rows: torch.Tensor, encoded: bool = False
+    ) -> None:
         self.source, self.batch_size, self.seed, self.rows, self.encoded = source, batch_size, seed, rows, encoded
 
     def __len__(self) -> int:
@@ -86,8 +95,17 @@ def decode_packed(packed: tuple[torch.Tensor, torch.Tensor], device: torch.devic
 class Batches:
     """The train split's batches for the steps [start, steps), on `device`."""
 
-    def __init__(self, dataset_dir: str | Path, device: torch.device, resident_max_gb: float,
-                 batch_size: int, seed: int, rows: torch.Tensor, workers: int = 0, jpeg_decode: str = "cpu") -> None:
+    def __init__(
+        self,
+        dataset_dir: str | Path,
+        device: torch.device,
+        resident_max_gb: float,
+        batch_size: int,
+        seed: int,
+        rows: torch.Tensor,
+        workers: int = 0,
+        jpeg_decode: str = "cpu",
+    ) -> None:
         self.device, self.batch_size, self.seed, self.rows = device, batch_size, seed, rows
         self.source = prepared.ShardedImages(dataset_dir, "train")
         self.n = len(self.source)
@@ -106,9 +124,15 @@ class Batches:
                 yield self.resident[runtime.to_device(idx, self.device)]
             return
         batches = StepBatches(self.source, self.batch_size, self.seed, self.rows, encoded=self.decode_on_device)
-        loader = DataLoader(batches, sampler=range(start, steps), batch_size=None, num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda" and not self.decode_on_device,
-                            prefetch_factor=PREFETCH, worker_init_fn=_ignore_sigterm)
+        loader = DataLoader(
+            batches,
+            sampler=range(start, steps),
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda" and not self.decode_on_device,
+            prefetch_factor=PREFETCH,
+            worker_init_fn=_ignore_sigterm,
+        )
         for batch in loader:
             if self.decode_on_device:
                 yield decode_packed(batch, self.device)

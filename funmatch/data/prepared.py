@@ -7,6 +7,7 @@ JPEG-encoded back to back plus byte offsets: ImageNet-size datasets, streamed an
 by the trainer's loader). `.npy` loads without pickle and memory-maps. Data order is a pure function
 of (seed, step): `batch_indices`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,9 +15,9 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
         start = 0
         for i, frac in enumerate(fractions):
             n = int(round(frac * len(idx)))
-            parts[i].append(idx[start:start + n])
+            parts[i].append(idx[start : start + n])
             start += n
         parts[-1].append(idx[start:])
     return [np.sort(np.concatenate(p)) for p in parts]
@@ -60,11 +61,24 @@ class SplitWriter:
     one shard). `raw`: `.npy` uint8 N×S×S×3; `jpeg`: the images JPEG-encoded back to back in a
     `.jpegs` file with an `.npy` of N+1 byte offsets (3–7× smaller: ImageNet streams from shards)."""
 
-    def __init__(self, out_dir: str | Path, split: str, shard_size: int, num_classes: int,
-                 encoding: str = "raw", jpeg_quality: int = 95) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        split: str,
+        shard_size: int,
+        num_classes: int,
+        encoding: str = "raw",
+        jpeg_quality: int = 95,
+    ) -> None:
         if encoding not in ENCODINGS:
             raise DataError(f"data.encoding={encoding!r} is not allowed; expected one of {ENCODINGS}")
-        self.out, self.split, self.shard_size, self.encoding, self.quality = Path(out_dir), split, shard_size, encoding, jpeg_quality
+        self.out, self.split, self.shard_size, self.encoding, self.quality = (
+            Path(out_dir),
+            split,
+            shard_size,
+            encoding,
+            jpeg_quality,
+        )
         self.counts = np.zeros(num_classes, dtype=np.int64)
         self.shards: list[dict] = []
         self._images: list[np.ndarray] = []
@@ -109,8 +123,16 @@ class SplitWriter:
         self.shards.append(entry)
 
 
-def write_split(out_dir: Path, split: str, images: np.ndarray, labels: np.ndarray, shard_size: int,
-                num_classes: int, encoding: str = "raw", jpeg_quality: int = 95) -> dict:
+def write_split(
+    out_dir: Path,
+    split: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    shard_size: int,
+    num_classes: int,
+    encoding: str = "raw",
+    jpeg_quality: int = 95,
+) -> dict:
     """One split written at once (see SplitWriter); returns its manifest entry."""
     writer = SplitWriter(out_dir, split, shard_size, num_classes, encoding, jpeg_quality)
     writer.add(images, labels)
@@ -182,8 +204,13 @@ class ShardedImages:
             if self.encoding == "raw":
                 self._maps = [open_(self.dataset_dir / sh["images"]) for sh in self._shard_files]
             else:
-                self._maps = [(np.memmap(self.dataset_dir / sh["images"], dtype=np.uint8, mode="r"),
-                               np.load(self.dataset_dir / sh["offsets"], allow_pickle=False)) for sh in self._shard_files]
+                self._maps = [
+                    (
+                        np.memmap(self.dataset_dir / sh["images"], dtype=np.uint8, mode="r"),
+                        np.load(self.dataset_dir / sh["offsets"], allow_pickle=False),
+                    )
+                    for sh in self._shard_files
+                ]
         return self._maps
 
     def __len__(self) -> int:
@@ -204,7 +231,7 @@ class ShardedImages:
         for s, rows, local in self._by_shard(idx):
             blob, offsets = self.maps[s]
             for r, i in zip(rows, local):
-                out[r] = np.array(blob[offsets[i]:offsets[i + 1]])
+                out[r] = np.array(blob[offsets[i] : offsets[i + 1]])
         return out
 
     def gather(self, idx: np.ndarray) -> np.ndarray:
@@ -217,8 +244,9 @@ class ShardedImages:
         return out
 
 
-def load_split(dataset_dir: str | Path, split: str, verify: bool = True, limit: int | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+def load_split(
+    dataset_dir: str | Path, split: str, verify: bool = True, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(images N×S×S×3 uint8, labels N int64) of one split, or of its first `limit` images (only the
     shards holding them are read: ImageNet's minitrain is 2 % of train); shard checksums verified."""
     dataset_dir = Path(dataset_dir)
@@ -228,7 +256,7 @@ def load_split(dataset_dir: str | Path, split: str, verify: bool = True, limit: 
     shards = manifest["splits"][split]["shards"]
     if limit is not None:
         ends = np.cumsum([sh["count"] for sh in shards])
-        shards = shards[:int(np.searchsorted(ends, limit)) + 1] if limit > 0 else []
+        shards = shards[: int(np.searchsorted(ends, limit)) + 1] if limit > 0 else []
     if verify:
         for shard in shards:
             for kind in ("images", "labels", "offsets"):
@@ -243,8 +271,12 @@ def load_split(dataset_dir: str | Path, split: str, verify: bool = True, limit: 
     if source.encoding == "raw":
         images = np.concatenate([np.load(dataset_dir / sh["images"], allow_pickle=False) for sh in shards])
     else:
-        images = np.concatenate([source.gather(np.arange(start, start + count))
-                                 for start, count, _ in zip(source.starts[:-1], source.counts, shards)])
+        images = np.concatenate(
+            [
+                source.gather(np.arange(start, start + count))
+                for start, count, _ in zip(source.starts[:-1], source.counts, shards)
+            ]
+        )
     return (images, labels) if limit is None else (images[:limit], labels[:limit])
 
 
@@ -274,7 +306,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
     while pos < start + batch_size:
         epoch, offset = divmod(pos, n)
         take = min(n - offset, start + batch_size - pos)
-        parts.append(_epoch_permutation(epoch, n, seed)[offset:offset + take])
+        parts.append(_epoch_permutation(epoch, n, seed)[offset : offset + take])
         pos += take
     return torch.cat(parts)
 
@@ -284,4 +316,3 @@ def _epoch_permutation(epoch: int, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator()
     g.manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
-

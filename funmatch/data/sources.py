@@ -6,6 +6,7 @@ tree; it is extracted after every member has been checked (no absolute paths, no
 the tree, no devices). Files that cannot be decoded are copied, bytes unchanged, into `quarantine/`
 (their path below the source root) and listed with their reason in the manifest's `skipped`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,11 +18,11 @@ import shutil
 import tarfile
 import warnings
 import zipfile
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -72,7 +73,7 @@ class Source:
     def relative(self, path: str) -> str:
         """`path` below the source root (its base name when it lies elsewhere)."""
         if self.root and path.startswith(self.root.rstrip("/") + "/"):
-            return path[len(self.root.rstrip("/")) + 1:]
+            return path[len(self.root.rstrip("/")) + 1 :]
         return path.rsplit("/", 1)[-1]
 
     def display(self, path: str) -> str:
@@ -113,7 +114,7 @@ def _class_tree(root: str, files: Iterable[str]) -> tuple[list[str], list[tuple[
     """ImageFolder rule: the first path component below `root` is the class; images found recursively."""
     by_class: dict[str, list[str]] = {}
     for f in files:
-        rel = f[len(root):].lstrip("/")
+        rel = f[len(root) :].lstrip("/")
         if "/" not in rel:
             continue  # files at the top level belong to no class
         cls = rel.split("/", 1)[0]
@@ -133,7 +134,7 @@ def folder_source(uri: str) -> Source:
     all_files = list(storage.list_files(root)) if storage.is_gcs(root) else _walk_files(root)
     if not all_files:
         raise DataError(f"data.source={uri!r} holds no files (expected one folder of images per class)")
-    top = {f[len(root):].lstrip("/").split("/", 1)[0] for f in all_files}
+    top = {f[len(root) :].lstrip("/").split("/", 1)[0] for f in all_files}
     split_dirs = {s: next((d for d in names if d in top), None) for s, names in SPLIT_DIR_NAMES.items()}
     files: dict[str, list[tuple[str, int]]] = {}
     if split_dirs["train"]:
@@ -146,8 +147,10 @@ def folder_source(uri: str) -> Source:
             if classes is None:
                 classes = cls
             elif cls != classes:
-                raise DataError(f"data.source={uri!r}: split {d!r} has classes {cls[:5]}..., "
-                                f"train has {classes[:5]}... (every split needs the same class folders)")
+                raise DataError(
+                    f"data.source={uri!r}: split {d!r} has classes {cls[:5]}..., "
+                    f"train has {classes[:5]}... (every split needs the same class folders)"
+                )
             _check_classes(uri, classes, empty)
             files[split] = pairs
     else:
@@ -161,8 +164,10 @@ def _check_classes(uri: str, classes: list[str], empty: set[str]) -> None:
     if not classes:
         raise DataError(f"data.source={uri!r} has no class folders (expected <source>/<class>/<image>)")
     if empty:
-        raise DataError(f"data.source={uri!r}: class folder(s) {sorted(empty)} hold no images "
-                        f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(
+            f"data.source={uri!r}: class folder(s) {sorted(empty)} hold no images "
+            f"(extensions {', '.join(IMAGE_EXTENSIONS)})"
+        )
     if len(classes) < 2:
         raise DataError(f"data.source={uri!r} has a single class {classes[0]!r}: distillation needs at least 2")
 
@@ -173,8 +178,10 @@ def _flowers102(base: Path) -> Source:
     base = base / "flowers-102"
     labels = loadmat(base / "imagelabels.mat", squeeze_me=True)["labels"]
     ids = loadmat(base / "setid.mat", squeeze_me=True)
-    files = {split: [(str(base / "jpg" / f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1)
-                     for i in ids[key]] for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))}
+    files = {
+        split: [(str(base / "jpg" / f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1) for i in ids[key]]
+        for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))
+    }
     return Source([f"flower_{c:03d}" for c in range(1, 103)], files, "flowers102: train / validation / test")
 
 
@@ -190,11 +197,15 @@ def _pets(base: Path) -> Source:
 
 def _food101(base: Path) -> Source:
     base = base / "food-101"
-    meta = {split: json.loads((base / "meta" / f"{name}.json").read_text())
-            for split, name in (("train", "train"), ("test", "test"))}
+    meta = {
+        split: json.loads((base / "meta" / f"{name}.json").read_text())
+        for split, name in (("train", "train"), ("test", "test"))
+    }
     classes = sorted(meta["train"])
-    files = {split: [(str(base / "images" / f"{rel}.jpg"), classes.index(c)) for c in classes for rel in m[c]]
-             for split, m in meta.items()}
+    files = {
+        split: [(str(base / "images" / f"{rel}.jpg"), classes.index(c)) for c in classes for rel in m[c]]
+        for split, m in meta.items()
+    }
     return Source(classes, files, "food101: train (→ train[:90%] / train[90%:]) / test (TFDS validation)")
 
 
@@ -203,8 +214,11 @@ def _sun397(base: Path) -> Source:
     classes = [line.strip() for line in (base / "ClassName.txt").read_text().splitlines() if line.strip()]
     index = {c: i for i, c in enumerate(classes)}
     pairs = sorted((str(p), index["/" + "/".join(p.relative_to(base).parts[:-1])]) for p in base.rglob("sun_*.jpg"))
-    return Source([c.rsplit("/", 1)[-1] if c.count("/") == 2 else c.strip("/") for c in classes], {"all": pairs},
-                  "sun397: one pool, split seeded and stratified")
+    return Source(
+        [c.rsplit("/", 1)[-1] if c.count("/") == 2 else c.strip("/") for c in classes],
+        {"all": pairs},
+        "sun397: one pool, split seeded and stratified",
+    )
 
 
 NAMED_READERS = {"flowers102": _flowers102, "pets": _pets, "food101": _food101, "sun397": _sun397}
@@ -224,8 +238,10 @@ def named_source(name: str, root: str, download: bool) -> Source:
         src.description = "imagenet: train (→ train[:98%] / train[98%:]) / validation (= test)"
         return src
     if storage.is_gcs(root):
-        raise DataError(f"data.root={root!r}: {name} is read from a mounted directory (a PVC or GCS FUSE path); "
-                        "gs:// prefixes are supported for ImageFolder sources")
+        raise DataError(
+            f"data.root={root!r}: {name} is read from a mounted directory (a PVC or GCS FUSE path); "
+            "gs:// prefixes are supported for ImageFolder sources"
+        )
     if download:
         import torchvision.datasets as tvd
 
@@ -233,8 +249,10 @@ def named_source(name: str, root: str, download: bool) -> Source:
     try:
         return NAMED_READERS[name](Path(root))
     except (OSError, KeyError, ValueError) as e:
-        raise DataError(f"data.root={root!r} does not hold {name} in torchvision's layout ({e}); "
-                        "point data.root at a copy, or set data.download=true on a machine with network") from e
+        raise DataError(
+            f"data.root={root!r} does not hold {name} in torchvision's layout ({e}); "
+            "point data.root at a copy, or set data.download=true on a machine with network"
+        ) from e
 
 
 def open_source(uri: str, root: str = "", download: bool = False, workdir: str | Path | None = None) -> Source:
@@ -257,8 +275,9 @@ def check_data(source: str, root: str, download: bool) -> None:
     """Fails fast (before any compute) when the configured data cannot be read."""
     if source in NAMED_READERS or source == "imagenet":
         if not root:
-            raise DataError(f"data.source={source!r} needs data.root: the directory (or, for imagenet, "
-                            "gs:// prefix) holding it")
+            raise DataError(
+                f"data.source={source!r} needs data.root: the directory (or, for imagenet, gs:// prefix) holding it"
+            )
         if not download:
             check_source(root)
         return
@@ -274,14 +293,18 @@ def check_source(uri: str) -> None:
         return
     if is_archive(uri):
         if not os.path.isfile(uri):
-            raise DataError(f"data.source={uri!r} does not exist or is not a file (an archive source is a "
-                            f"local or gs:// {'/'.join(ARCHIVE_EXTENSIONS)} file)")
+            raise DataError(
+                f"data.source={uri!r} does not exist or is not a file (an archive source is a "
+                f"local or gs:// {'/'.join(ARCHIVE_EXTENSIONS)} file)"
+            )
         if not os.access(uri, os.R_OK):
             raise DataError(f"data.source={uri!r} is not readable")
         return
     if not os.path.isdir(uri):
-        raise DataError(f"data.source={uri!r} does not exist or is not a directory "
-                        "(expected 'demo', a directory in ImageFolder layout or a gs:// prefix)")
+        raise DataError(
+            f"data.source={uri!r} does not exist or is not a directory "
+            "(expected 'demo', a directory in ImageFolder layout or a gs:// prefix)"
+        )
     if not os.access(uri, os.R_OK | os.X_OK):
         raise DataError(f"data.source={uri!r} is not readable")
 
@@ -329,8 +352,10 @@ def extract_archive(uri: str, workdir: str | Path) -> str:
                 for info in z.infolist():
                     why = _unsafe(info.filename)
                     if why:
-                        raise DataError(f"data.source={uri!r}: archive member {info.filename!r} {why}; "
-                                        "refusing to extract the archive")
+                        raise DataError(
+                            f"data.source={uri!r}: archive member {info.filename!r} {why}; "
+                            "refusing to extract the archive"
+                        )
                 z.extractall(tree)
         else:
             with tarfile.open(local) as t:
@@ -361,14 +386,17 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(data)) as img:
                 if img.width * img.height > max_pixels:
-                    raise BadImage("too_many_pixels", f"refused: {img.width}x{img.height} is more pixels than "
-                                                      f"data.max_image_pixels={max_pixels}")
+                    raise BadImage(
+                        "too_many_pixels",
+                        f"refused: {img.width}x{img.height} is more pixels than data.max_image_pixels={max_pixels}",
+                    )
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 img = to_rgb(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BadImage("too_many_pixels",
-                           f"refused: more pixels than data.max_image_pixels={max_pixels} ({e})") from e
+            raise BadImage(
+                "too_many_pixels", f"refused: more pixels than data.max_image_pixels={max_pixels} ({e})"
+            ) from e
         except UnidentifiedImageError as e:
             raise BadImage("not_an_image", f"{type(e).__name__}: {e}") from e
         except (OSError, SyntaxError) as e:
@@ -401,17 +429,23 @@ def resize_array(images: np.ndarray, size: int) -> np.ndarray:
         images = np.repeat(images, 3, axis=-1)
     if images.shape[1:3] == (size, size):
         return np.ascontiguousarray(images)
-    return np.stack([np.asarray(ImageOps.fit(Image.fromarray(im), (size, size), Image.Resampling.BILINEAR))
-                     for im in images])
+    return np.stack(
+        [np.asarray(ImageOps.fit(Image.fromarray(im), (size, size), Image.Resampling.BILINEAR)) for im in images]
+    )
 
 
-def decode_files(pairs: list[tuple[str, int]], size: int, max_pixels: int,
-                 progress: Callable[[int], None] | None = None, workers: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def decode_files(
+    pairs: list[tuple[str, int]],
+    size: int,
+    max_pixels: int,
+    progress: Callable[[int], None] | None = None,
+    workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Decodes files in parallel threads (0: 64 for gs:// objects, whose reads mostly wait on the
     network, else 2 per CPU); returns (images, labels, skipped[{path, kind, reason}]) in input order."""
     if not workers:
         workers = 64 if pairs and storage.is_gcs(pairs[0][0]) else 2 * (os.cpu_count() or 4)
+
     def one(item: tuple[str, int]):
         path, label = item
         try:
@@ -434,8 +468,7 @@ def decode_files(pairs: list[tuple[str, int]], size: int, max_pixels: int,
                 images.append(img)
                 labels.append(label)
     shape = (0, size, size, 3)
-    return (np.stack(images) if images else np.zeros(shape, np.uint8),
-            np.asarray(labels, dtype=np.int64), skipped)
+    return (np.stack(images) if images else np.zeros(shape, np.uint8), np.asarray(labels, dtype=np.int64), skipped)
 
 
 def quarantine(source: Source, skipped: list[dict], out_dir: str | Path) -> None:
@@ -462,4 +495,3 @@ def quarantine(source: Source, skipped: list[dict], out_dir: str | Path) -> None
             entry["bytes"] = len(blob)
             entry["sha256"] = hashlib.sha256(blob).hexdigest()
         entry["path"] = source.display(path)
-

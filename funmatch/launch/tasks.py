@@ -6,6 +6,7 @@ functions run in-process in tests. The config travels as one JSON string; the fi
 the pipeline's UI parameters to it, validates it, and hands the resolved JSON downstream. Stages
 return their results; the writing of task outputs happens here.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,18 +40,25 @@ def prepare_data(config_json: str, parameters: dict[str, Any], dataset) -> str:
     """Data prep task; returns the resolved config JSON for the downstream tasks."""
     cfg = resolve_config(config_json, parameters)
     manifest = prepare.run(cfg, dataset.path)
-    dataset.metadata.update({"classes": manifest["num_classes"], "stored_resolution": manifest["stored_resolution"],
-                             "encoding": manifest["encoding"], "skipped": manifest["skipped"]["count"],
-                             "wall_s": manifest["wall_s"],
-                             **{f"{s}_count": manifest["splits"][s]["count"] for s in manifest["splits"]}})
+    dataset.metadata.update(
+        {
+            "classes": manifest["num_classes"],
+            "stored_resolution": manifest["stored_resolution"],
+            "encoding": manifest["encoding"],
+            "skipped": manifest["skipped"]["count"],
+            "wall_s": manifest["wall_s"],
+            **{f"{s}_count": manifest["splits"][s]["count"] for s in manifest["splits"]},
+        }
+    )
     return cfg.to_json()
 
 
 def _on_accelerators(config_json: str, accelerator_type: str, accelerator_count: int) -> config.Config:
     """The config with the task's accelerator request recorded (the task's resources come from it)."""
     cfg = config.from_json(config_json)
-    return config.apply_overrides(cfg, {"resources.accelerator_type": accelerator_type,
-                                        "resources.accelerator_count": accelerator_count})
+    return config.apply_overrides(
+        cfg, {"resources.accelerator_type": accelerator_type, "resources.accelerator_count": accelerator_count}
+    )
 
 
 def train_teacher(config_json: str, dataset, accelerator: str, num_accelerators: int, teacher) -> None:
@@ -64,8 +72,16 @@ def given_teacher(config_json: str, dataset, teacher) -> None:
     teacher.metadata.update({k: info[k] for k in ("arch", "resolution", "init", "wall_s")})
 
 
-def distill(config_json: str, dataset, teacher, checkpoint_root: str, accelerator: str,
-            num_accelerators: int, trainjob_image: str, student) -> None:
+def distill(
+    config_json: str,
+    dataset,
+    teacher,
+    checkpoint_root: str,
+    accelerator: str,
+    num_accelerators: int,
+    trainjob_image: str,
+    student,
+) -> None:
     """Distils on this task's accelerators; `distill.num_nodes > 1`: a Kubeflow Trainer TrainJob of
     `trainjob_image` (the image this task runs) trains, and this task waits and copies the student."""
     cfg = _on_accelerators(config_json, accelerator, num_accelerators)
@@ -81,12 +97,29 @@ def distill(config_json: str, dataset, teacher, checkpoint_root: str, accelerato
     student.metadata.update({k: info[k] for k in ("arch", "resolution", "setup", "steps", "wall_s")})
 
 
-def torchrun_distill(cfg: config.Config, dataset: str, teacher: str, out: str, checkpoint_dir: str,
-                     nproc: int) -> dict:
+def torchrun_distill(cfg: config.Config, dataset: str, teacher: str, out: str, checkpoint_dir: str, nproc: int) -> dict:
     """`torchrun --standalone --nproc_per_node=N funmatch stage distill ...`; returns the student info."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "funmatch", "stage", "distill", "--config-json", cfg.to_json(), "--dataset", dataset,
-           "--teacher", teacher, "--output", out, "--checkpoint-dir", checkpoint_dir]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "funmatch",
+        "stage",
+        "distill",
+        "--config-json",
+        cfg.to_json(),
+        "--dataset",
+        dataset,
+        "--teacher",
+        teacher,
+        "--output",
+        out,
+        "--checkpoint-dir",
+        checkpoint_dir,
+    ]
     result = subprocess.run(cmd, check=False)
     if result.returncode:
         raise SystemExit(result.returncode)  # e.g. 143 after a preemption checkpoint: the task retry resumes
@@ -111,12 +144,18 @@ def quality_gate_stop(reason: str) -> None:
 
 
 def export(config_json: str, dataset, teacher, student, report, publish_uri: str, model) -> None:
-    walls = {"prepare": dataset.metadata.get("wall_s", 0.0), "teacher": teacher.metadata.get("wall_s", 0.0),
-             "distill": student.metadata.get("wall_s", 0.0)}
+    walls = {
+        "prepare": dataset.metadata.get("wall_s", 0.0),
+        "teacher": teacher.metadata.get("wall_s", 0.0),
+        "distill": student.metadata.get("wall_s", 0.0),
+    }
     evaluation = json.loads((Path(report.path) / "metrics.json").read_text())  # the evaluate task's artifact
-    result = export_stage.run(config.from_json(config_json), dataset.path, student.path, evaluation, model.path,
-                              walls)
-    model.metadata.update({"student_test_prec1": result.metrics["student/test/prec@1"],
-                           "onnx_max_abs_diff": result.metrics["export/onnx_max_abs_diff"]})
+    result = export_stage.run(config.from_json(config_json), dataset.path, student.path, evaluation, model.path, walls)
+    model.metadata.update(
+        {
+            "student_test_prec1": result.metrics["student/test/prec@1"],
+            "onnx_max_abs_diff": result.metrics["export/onnx_max_abs_diff"],
+        }
+    )
     if publish_uri:
         model.metadata["published"] = export_stage.publish_result(model.path, publish_uri)  # registries: a version

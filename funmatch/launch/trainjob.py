@@ -40,6 +40,7 @@ the replicated job and container `node`.
 
 `kubernetes` and `kubeflow_trainer_api` are imported inside the functions that use them.
 """
+
 from __future__ import annotations
 
 import base64
@@ -51,8 +52,9 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from funmatch import storage
 from funmatch.config import Config
@@ -89,25 +91,49 @@ class _Cancelled(BaseException):
 
 # ---------------------------------------------------------------- the TrainJob
 
+
 def job_name(key: str) -> str:
     """A stable RFC 1035 name for the job of `key` (the output artifact), e.g. 'funmatch-distill-3fa9c2d17b0e'."""
     return f"funmatch-distill-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def worker_args(config_json: str, dataset: str, teacher: str, output: str, checkpoint_dir: str = "",
-                cache_dir: str = WORKER_CACHE) -> list[str]:
+def worker_args(
+    config_json: str, dataset: str, teacher: str, output: str, checkpoint_dir: str = "", cache_dir: str = WORKER_CACHE
+) -> list[str]:
     """The `funmatch` arguments each node runs under torchrun."""
-    args = ["stage", "distill", "--config-json", config_json, "--dataset", dataset, "--teacher", teacher,
-            "--output", output, "--cache-dir", cache_dir]
+    args = [
+        "stage",
+        "distill",
+        "--config-json",
+        config_json,
+        "--dataset",
+        dataset,
+        "--teacher",
+        teacher,
+        "--output",
+        output,
+        "--cache-dir",
+        cache_dir,
+    ]
     return args + (["--checkpoint-dir", checkpoint_dir] if checkpoint_dir else [])
 
 
 TORCHRUN = ["torchrun", "--module", "funmatch"]  # nodes, procs, rank, master: from the PET_* variables
 
 
-def build(cfg: Config, *, name: str, image: str, args: list[str], namespace: str = "",
-          labels: dict[str, str] | None = None, owner: dict[str, str] | None = None,
-          service_account: str = "", env: dict[str, str] | None = None, runtime: str = RUNTIME):
+def build(
+    cfg: Config,
+    *,
+    name: str,
+    image: str,
+    args: list[str],
+    namespace: str = "",
+    labels: dict[str, str] | None = None,
+    owner: dict[str, str] | None = None,
+    service_account: str = "",
+    env: dict[str, str] | None = None,
+    runtime: str = RUNTIME,
+):
     """The typed TrainJob (kubeflow_trainer_api model) running `args` on `cfg.distill.num_nodes` nodes.
 
     GPUs per node = `cfg.resources.accelerator_count` (one process each); node selector, toleration,
@@ -120,44 +146,88 @@ def build(cfg: Config, *, name: str, image: str, args: list[str], namespace: str
     gpus = r.accelerator_count
     limits = {r.accelerator_type: q(str(gpus))} if gpus > 0 else None
     resources = m.IoK8sApiCoreV1ResourceRequirements(
-        requests={"cpu": q(CPU_REQUEST), "memory": q(MEMORY_REQUEST)}, limits=limits)
+        requests={"cpu": q(CPU_REQUEST), "memory": q(MEMORY_REQUEST)}, limits=limits
+    )
     env = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     pod = m.TrainerV1alpha1PodSpecPatch(
         nodeSelector={r.node_selector_key: r.node_selector_value} if r.node_selector_key else None,
         tolerations=[m.IoK8sApiCoreV1Toleration(key=r.toleration_key, operator="Exists", effect="NoSchedule")]
-        if r.toleration_key else None,
-        volumes=[m.IoK8sApiCoreV1Volume(name="dshm", emptyDir=m.IoK8sApiCoreV1EmptyDirVolumeSource(
-                     medium="Memory", sizeLimit=q(r.shm_size))),
-                 m.IoK8sApiCoreV1Volume(name="scratch", emptyDir=m.IoK8sApiCoreV1EmptyDirVolumeSource())],
-        containers=[m.TrainerV1alpha1ContainerPatch(name=NODE, volumeMounts=[
-            m.IoK8sApiCoreV1VolumeMount(name="dshm", mountPath="/dev/shm"),
-            m.IoK8sApiCoreV1VolumeMount(name="scratch", mountPath=SCRATCH)])],
-        serviceAccountName=service_account or None)
+        if r.toleration_key
+        else None,
+        volumes=[
+            m.IoK8sApiCoreV1Volume(
+                name="dshm", emptyDir=m.IoK8sApiCoreV1EmptyDirVolumeSource(medium="Memory", sizeLimit=q(r.shm_size))
+            ),
+            m.IoK8sApiCoreV1Volume(name="scratch", emptyDir=m.IoK8sApiCoreV1EmptyDirVolumeSource()),
+        ],
+        containers=[
+            m.TrainerV1alpha1ContainerPatch(
+                name=NODE,
+                volumeMounts=[
+                    m.IoK8sApiCoreV1VolumeMount(name="dshm", mountPath="/dev/shm"),
+                    m.IoK8sApiCoreV1VolumeMount(name="scratch", mountPath=SCRATCH),
+                ],
+            )
+        ],
+        serviceAccountName=service_account or None,
+    )
     patch = m.TrainerV1alpha1RuntimePatch(
         manager=MANAGER,
-        trainingRuntimeSpec=m.TrainerV1alpha1TrainingRuntimeSpecPatch(template=m.TrainerV1alpha1JobSetTemplatePatch(
-            spec=m.TrainerV1alpha1JobSetSpecPatch(replicatedJobs=[m.TrainerV1alpha1ReplicatedJobPatch(
-                name=NODE, template=m.TrainerV1alpha1JobTemplatePatch(spec=m.TrainerV1alpha1JobSpecPatch(
-                    template=m.TrainerV1alpha1PodTemplatePatch(spec=pod))))]))))
+        trainingRuntimeSpec=m.TrainerV1alpha1TrainingRuntimeSpecPatch(
+            template=m.TrainerV1alpha1JobSetTemplatePatch(
+                spec=m.TrainerV1alpha1JobSetSpecPatch(
+                    replicatedJobs=[
+                        m.TrainerV1alpha1ReplicatedJobPatch(
+                            name=NODE,
+                            template=m.TrainerV1alpha1JobTemplatePatch(
+                                spec=m.TrainerV1alpha1JobSpecPatch(template=m.TrainerV1alpha1PodTemplatePatch(spec=pod))
+                            ),
+                        )
+                    ]
+                )
+            )
+        ),
+    )
     owners = None
     if owner:
-        owners = [m.IoK8sApimachineryPkgApisMetaV1OwnerReference(
-            apiVersion="v1", kind="Pod", name=owner["name"], uid=owner["uid"], blockOwnerDeletion=False,
-            controller=False)]
+        owners = [
+            m.IoK8sApimachineryPkgApisMetaV1OwnerReference(
+                apiVersion="v1",
+                kind="Pod",
+                name=owner["name"],
+                uid=owner["uid"],
+                blockOwnerDeletion=False,
+                controller=False,
+            )
+        ]
     return m.TrainerV1alpha1TrainJob(
-        apiVersion=API_VERSION, kind=KIND,
+        apiVersion=API_VERSION,
+        kind=KIND,
         metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
-            name=name, namespace=namespace or None, ownerReferences=owners,
-            labels={"app.kubernetes.io/managed-by": "funmatch", "funmatch.dev/config-hash": cfg.hash(),
-                    **(labels or {})}),
+            name=name,
+            namespace=namespace or None,
+            ownerReferences=owners,
+            labels={
+                "app.kubernetes.io/managed-by": "funmatch",
+                "funmatch.dev/config-hash": cfg.hash(),
+                **(labels or {}),
+            },
+        ),
         spec=m.TrainerV1alpha1TrainJobSpec(
             runtimeRef=m.TrainerV1alpha1RuntimeRef(name=runtime, kind="ClusterTrainingRuntime", apiGroup=GROUP),
             trainer=m.TrainerV1alpha1Trainer(
-                image=image, command=list(TORCHRUN), args=args, numNodes=cfg.distill.num_nodes,
-                numProcPerNode=max(gpus, 1), resourcesPerNode=resources,
-                env=[m.IoK8sApiCoreV1EnvVar(name=k, value=v) for k, v in sorted(env.items())]),
+                image=image,
+                command=list(TORCHRUN),
+                args=args,
+                numNodes=cfg.distill.num_nodes,
+                numProcPerNode=max(gpus, 1),
+                resourcesPerNode=resources,
+                env=[m.IoK8sApiCoreV1EnvVar(name=k, value=v) for k, v in sorted(env.items())],
+            ),
             runtimePatches=[patch],
-            activeDeadlineSeconds=max(1, int(r.timeout_hours * 3600))))
+            activeDeadlineSeconds=max(1, int(r.timeout_hours * 3600)),
+        ),
+    )
 
 
 def manifest(cfg: Config, **kwargs) -> dict[str, Any]:
@@ -166,6 +236,7 @@ def manifest(cfg: Config, **kwargs) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- status
+
 
 def conditions(obj: dict) -> dict[str, dict]:
     return {c.get("type", "?"): c for c in (obj.get("status") or {}).get("conditions") or []}
@@ -187,8 +258,11 @@ def phase(obj: dict) -> str:
 
 def _jobs_summary(obj: dict) -> str:
     jobs = (obj.get("status") or {}).get("jobsStatus") or []
-    return "; ".join(f"{j.get('name')}: {j.get('active', 0)} active, {j.get('ready', 0)} ready, "
-                     f"{j.get('succeeded', 0)} succeeded, {j.get('failed', 0)} failed" for j in jobs)
+    return "; ".join(
+        f"{j.get('name')}: {j.get('active', 0)} active, {j.get('ready', 0)} ready, "
+        f"{j.get('succeeded', 0)} succeeded, {j.get('failed', 0)} failed"
+        for j in jobs
+    )
 
 
 def logs_hint(namespace: str, name: str) -> str:
@@ -209,8 +283,15 @@ class _Progress:
             key = (c.get("status"), c.get("reason"), c.get("message"))
             if self.seen_conditions.get(kind) != key:
                 self.seen_conditions[kind] = key
-                log.info("TrainJob %s/%s condition %s=%s (%s): %s", self.ns, self.name, kind, c.get("status"),
-                         c.get("reason", ""), c.get("message", ""))
+                log.info(
+                    "TrainJob %s/%s condition %s=%s (%s): %s",
+                    self.ns,
+                    self.name,
+                    kind,
+                    c.get("status"),
+                    c.get("reason", ""),
+                    c.get("message", ""),
+                )
         now = (phase(obj), _jobs_summary(obj))
         if now != self.last:
             self.last = now
@@ -219,11 +300,13 @@ class _Progress:
             raise TrainJobFailed(
                 f"TrainJob {self.ns}/{self.name} failed: {failed.get('reason', 'Failed')}: "
                 f"{failed.get('message', '').strip() or 'no message'}. The job is kept for inspection; "
-                f"its pods' logs: {logs_hint(self.ns, self.name)}")
+                f"its pods' logs: {logs_hint(self.ns, self.name)}"
+            )
         return "Complete" if _true(obj, "Complete") else None
 
 
 # ---------------------------------------------------------------- Kubernetes API
+
 
 def _api(api_client=None):
     from kubernetes import client
@@ -280,12 +363,15 @@ def _explain(e, what: str, namespace: str) -> TrainJobError:
         body = json.loads(e.body or "{}").get("message", "")
     except (ValueError, AttributeError):
         body = str(e.body or "")[:500]
-    hint = {403: f"the pipeline's service account needs create/get/list/watch/delete on "
-                 f"trainjobs.{GROUP} in namespace {namespace} (manifests/base/namespaced/rbac.yaml)",
-            404: f"is Kubeflow Trainer v2 ({API_VERSION}) installed on this cluster?",
-            422: "the cluster rejected the TrainJob (Trainer version other than v2.3?)"}.get(e.status, "")
-    return TrainJobError(f"cannot {what}: HTTP {e.status} {e.reason}: {body}".rstrip(": ") +
-                         (f"; {hint}" if hint else ""))
+    hint = {
+        403: f"the pipeline's service account needs create/get/list/watch/delete on "
+        f"trainjobs.{GROUP} in namespace {namespace} (manifests/base/namespaced/rbac.yaml)",
+        404: f"is Kubeflow Trainer v2 ({API_VERSION}) installed on this cluster?",
+        422: "the cluster rejected the TrainJob (Trainer version other than v2.3?)",
+    }.get(e.status, "")
+    return TrainJobError(
+        f"cannot {what}: HTTP {e.status} {e.reason}: {body}".rstrip(": ") + (f"; {hint}" if hint else "")
+    )
 
 
 def _short(e: BaseException) -> str:
@@ -320,8 +406,9 @@ def _get_patiently(api, namespace: str, name: str, outage_s: float, retry_s: flo
         except Exception as e:
             since = since or time.monotonic()
             if time.monotonic() - since > outage_s:
-                raise TrainJobError(f"cannot read TrainJob {namespace}/{name} for {outage_s:.0f}s: "
-                                    f"{_short(e)}") from None
+                raise TrainJobError(
+                    f"cannot read TrainJob {namespace}/{name} for {outage_s:.0f}s: {_short(e)}"
+                ) from None
             log.warning("reading TrainJob %s/%s: %s; retrying in %gs", namespace, name, _short(e), retry_s)
             time.sleep(retry_s)
 
@@ -332,8 +419,9 @@ def delete(api, namespace: str, name: str) -> bool:
     from kubernetes.client.exceptions import ApiException
 
     try:
-        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                            body=client.V1DeleteOptions(propagation_policy="Foreground"))
+        api.delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, body=client.V1DeleteOptions(propagation_policy="Foreground")
+        )
     except ApiException as e:
         if e.status == 404:
             return False
@@ -358,9 +446,14 @@ def create(api, body: dict, *, poll_s: float = 2.0, delete_timeout_s: float = 60
     for attempt in range(2):
         try:
             created = api.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
-            log.info("TrainJob %s/%s created: %d nodes × %s, runtime %s", ns, name,
-                     body["spec"]["trainer"]["numNodes"], body["spec"]["trainer"]["numProcPerNode"],
-                     body["spec"]["runtimeRef"]["name"])
+            log.info(
+                "TrainJob %s/%s created: %d nodes × %s, runtime %s",
+                ns,
+                name,
+                body["spec"]["trainer"]["numNodes"],
+                body["spec"]["trainer"]["numProcPerNode"],
+                body["spec"]["runtimeRef"]["name"],
+            )
             return created
         except ApiException as e:
             if e.status != 409 or attempt:
@@ -372,15 +465,28 @@ def create(api, body: dict, *, poll_s: float = 2.0, delete_timeout_s: float = 60
         if same and phase(existing) != "Failed" and not (existing.get("metadata") or {}).get("deletionTimestamp"):
             log.info("TrainJob %s/%s exists from an earlier attempt (%s): adopting it", ns, name, phase(existing))
             return existing
-        log.info("TrainJob %s/%s exists from an earlier attempt (%s%s): replacing it", ns, name, phase(existing),
-                 "" if same else ", different spec")
+        log.info(
+            "TrainJob %s/%s exists from an earlier attempt (%s%s): replacing it",
+            ns,
+            name,
+            phase(existing),
+            "" if same else ", different spec",
+        )
         delete(api, ns, name)
         _wait_gone(api, ns, name, delete_timeout_s, poll_s)
     raise TrainJobError(f"cannot create TrainJob {ns}/{name}")  # not reached
 
 
-def wait(api, namespace: str, name: str, *, watch_timeout_s: int = 300, retry_s: float = 5.0,
-         timeout_s: float | None = None, outage_s: float = 900.0) -> dict:
+def wait(
+    api,
+    namespace: str,
+    name: str,
+    *,
+    watch_timeout_s: int = 300,
+    retry_s: float = 5.0,
+    timeout_s: float | None = None,
+    outage_s: float = 900.0,
+) -> dict:
     """Follows the TrainJob (GET, then a watch from its resourceVersion, again and again) until it is
     Complete; logs every change of its conditions and nodes; raises TrainJobError when it fails,
     disappears, the API server is unreachable for `outage_s`, or `timeout_s` passes."""
@@ -396,17 +502,25 @@ def wait(api, namespace: str, name: str, *, watch_timeout_s: int = 300, retry_s:
         if progress.update(obj):
             return obj
         if timeout_s is not None and time.monotonic() - start > timeout_s:
-            raise TrainJobError(f"TrainJob {namespace}/{name} did not finish within {timeout_s:.0f}s "
-                                f"(still {phase(obj)})")
+            raise TrainJobError(
+                f"TrainJob {namespace}/{name} did not finish within {timeout_s:.0f}s (still {phase(obj)})"
+            )
         try:
             w = watch.Watch()
-            for event in w.stream(api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
-                                  field_selector=f"metadata.name={name}",
-                                  resource_version=(obj.get("metadata") or {}).get("resourceVersion"),
-                                  timeout_seconds=watch_timeout_s):
+            for event in w.stream(
+                api.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                field_selector=f"metadata.name={name}",
+                resource_version=(obj.get("metadata") or {}).get("resourceVersion"),
+                timeout_seconds=watch_timeout_s,
+            ):
                 if event["type"] == "DELETED":
-                    raise TrainJobFailed(f"TrainJob {namespace}/{name} was deleted while the distill task "
-                                        "waited for it")
+                    raise TrainJobFailed(
+                        f"TrainJob {namespace}/{name} was deleted while the distill task waited for it"
+                    )
                 if event["type"] in ("ADDED", "MODIFIED") and progress.update(event["raw_object"]):
                     return event["raw_object"]
         except TrainJobError:
@@ -438,6 +552,7 @@ def _cancel_on_sigterm() -> Iterator[None]:
 
 # ---------------------------------------------------------------- moving trees (local paths and gs://)
 
+
 def _join(root: str, *parts: str) -> str:
     return storage.join(root, *parts)
 
@@ -465,7 +580,7 @@ def copy_tree(src: str, dst: str, *, marker: bool = True) -> int:
     if not files:
         raise DataError(f"{src!r} holds no files")
     for f in files:
-        _copy_file(f, _join(dst, f[len(src) + 1:]))
+        _copy_file(f, _join(dst, f[len(src) + 1 :]))
     if marker:
         storage.write_bytes(_join(dst, MARKER), json.dumps({"source": src, "files": len(files)}).encode())
     return len(files)
@@ -485,30 +600,55 @@ def _stage(uri: str, staged: str, role: str) -> str:
 
 # ---------------------------------------------------------------- the launcher (the distill task)
 
+
 def artifact_location(artifact) -> str:
     """A KFP artifact's gs:// URI when it has one (the pods read it there), else its local path."""
     uri = getattr(artifact, "uri", "") or ""
     return uri if storage.is_gcs(uri) else str(artifact.path)
 
 
-def launch_distill(cfg: Config, dataset, teacher, student, checkpoint_root: str, checkpoint_dir: str,
-                   image: str, **kwargs) -> dict:
+def launch_distill(
+    cfg: Config, dataset, teacher, student, checkpoint_root: str, checkpoint_dir: str, image: str, **kwargs
+) -> dict:
     """`tasks.distill` with `distill.num_nodes > 1`: the TrainJob trains, the task copies the student."""
     if not storage.is_gcs(checkpoint_root):
         raise ConfigError(
             f"distill.num_nodes={cfg.distill.num_nodes} is not allowed with checkpoint_root={checkpoint_root!r}: "
             "expected a gs:// URI, through which the TrainJob's pods read the data and the teacher and write "
-            "checkpoints and the student (or distill.num_nodes=1)")
+            "checkpoints and the student (or distill.num_nodes=1)"
+        )
     kwargs.setdefault("runtime", os.environ.get("FUNMATCH_TRAINJOB_RUNTIME") or RUNTIME)
-    return run(cfg, dataset=artifact_location(dataset), teacher=artifact_location(teacher), out_dir=student.path,
-               shared_root=f"{checkpoint_root.rstrip('/')}/{cfg.hash()}/trainjob", checkpoint_dir=checkpoint_dir,
-               image=image, key=getattr(student, "uri", "") or str(student.path), **kwargs)
+    return run(
+        cfg,
+        dataset=artifact_location(dataset),
+        teacher=artifact_location(teacher),
+        out_dir=student.path,
+        shared_root=f"{checkpoint_root.rstrip('/')}/{cfg.hash()}/trainjob",
+        checkpoint_dir=checkpoint_dir,
+        image=image,
+        key=getattr(student, "uri", "") or str(student.path),
+        **kwargs,
+    )
 
 
-def run(cfg: Config, *, dataset: str, teacher: str, out_dir: str | Path, shared_root: str, checkpoint_dir: str,
-        image: str, key: str, namespace: str = "", api_client=None, runtime: str = RUNTIME,
-        watch_timeout_s: int = 300, retry_s: float = 5.0, timeout_s: float | None = None,
-        outage_s: float = 900.0) -> dict:
+def run(
+    cfg: Config,
+    *,
+    dataset: str,
+    teacher: str,
+    out_dir: str | Path,
+    shared_root: str,
+    checkpoint_dir: str,
+    image: str,
+    key: str,
+    namespace: str = "",
+    api_client=None,
+    runtime: str = RUNTIME,
+    watch_timeout_s: int = 300,
+    retry_s: float = 5.0,
+    timeout_s: float | None = None,
+    outage_s: float = 900.0,
+) -> dict:
     """Stages the inputs, creates the TrainJob, follows it, copies the student into `out_dir`;
     returns the student's info (its model.json). `shared_root` is where the pods and the launcher
     meet (gs:// in a cluster; any directory in tests)."""
@@ -520,21 +660,37 @@ def run(cfg: Config, *, dataset: str, teacher: str, out_dir: str | Path, shared_
     created = False  # from the POST on, a cancel or an error of the launcher deletes the TrainJob
     with _cancel_on_sigterm():
         try:
-            inputs = {role: _stage(uri, _join(where, role), role) for role, uri in (("dataset", dataset),
-                                                                                   ("teacher", teacher))}
+            inputs = {
+                role: _stage(uri, _join(where, role), role)
+                for role, uri in (("dataset", dataset), ("teacher", teacher))
+            }
             output = _join(where, "student")
-            body = manifest(cfg, name=name, namespace=namespace, image=image, runtime=runtime,
-                            args=worker_args(cfg.to_json(), inputs["dataset"], inputs["teacher"], output,
-                                             checkpoint_dir),
-                            owner=_kfp_pod(), service_account=own_service_account(),
-                            env={k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
+            body = manifest(
+                cfg,
+                name=name,
+                namespace=namespace,
+                image=image,
+                runtime=runtime,
+                args=worker_args(cfg.to_json(), inputs["dataset"], inputs["teacher"], output, checkpoint_dir),
+                owner=_kfp_pod(),
+                service_account=own_service_account(),
+                env={k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)},
+            )
             created = True
             create(api, body, poll_s=min(retry_s, 2.0))
-            wait(api, namespace, name, watch_timeout_s=watch_timeout_s, retry_s=retry_s, timeout_s=timeout_s,
-                 outage_s=outage_s)
+            wait(
+                api,
+                namespace,
+                name,
+                watch_timeout_s=watch_timeout_s,
+                retry_s=retry_s,
+                timeout_s=timeout_s,
+                outage_s=outage_s,
+            )
         except (_Cancelled, KeyboardInterrupt) as e:
-            log.warning("%s: cancelling TrainJob %s/%s", e if isinstance(e, _Cancelled) else "interrupted",
-                        namespace, name)
+            log.warning(
+                "%s: cancelling TrainJob %s/%s", e if isinstance(e, _Cancelled) else "interrupted", namespace, name
+            )
             if created:
                 _delete_quietly(api, namespace, name)
             raise SystemExit(PREEMPTED_EXIT) from None
@@ -545,8 +701,10 @@ def run(cfg: Config, *, dataset: str, teacher: str, out_dir: str | Path, shared_
                 _delete_quietly(api, namespace, name)
             raise
     if not (complete(output) if storage.is_gcs(output) else (Path(output) / "model.json").is_file()):
-        raise TrainJobError(f"TrainJob {namespace}/{name} completed but its student at {output} is incomplete "
-                            f"(no {MARKER}); its pods' logs: {logs_hint(namespace, name)}")
+        raise TrainJobError(
+            f"TrainJob {namespace}/{name} completed but its student at {output} is incomplete "
+            f"(no {MARKER}); its pods' logs: {logs_hint(namespace, name)}"
+        )
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     n = copy_tree(output, str(out_dir), marker=False)
     info = json.loads((Path(out_dir) / "model.json").read_text())
@@ -562,6 +720,7 @@ def _delete_quietly(api, namespace: str, name: str) -> None:
 
 
 # ---------------------------------------------------------------- the worker (each TrainJob process)
+
 
 def _node_copy(uri: str, cache: Path, role: str) -> str:
     """A local directory holding `uri`: a gs:// prefix is fetched once per node (and per URI) into
@@ -582,8 +741,9 @@ def _node_copy(uri: str, cache: Path, role: str) -> str:
     return str(dest)
 
 
-def run_worker(config_json: str, dataset: str, teacher: str, output: str, checkpoint_dir: str = "",
-               cache_dir: str = "") -> dict:
+def run_worker(
+    config_json: str, dataset: str, teacher: str, output: str, checkpoint_dir: str = "", cache_dir: str = ""
+) -> dict:
     """`funmatch stage distill`: one process of the TrainJob (or a plain single process)."""
     from funmatch import config
     from funmatch.stages import distill as stage
@@ -597,8 +757,13 @@ def run_worker(config_json: str, dataset: str, teacher: str, output: str, checkp
         local_out = Path(tempfile.mkdtemp(dir=cache, prefix=f"student-rank{rank}-"))
     else:
         local_out = Path(output)
-    info = stage.run(cfg, _node_copy(dataset, cache, "dataset"), _node_copy(teacher, cache, "teacher"), local_out,
-                     checkpoint_dir=checkpoint_dir)
+    info = stage.run(
+        cfg,
+        _node_copy(dataset, cache, "dataset"),
+        _node_copy(teacher, cache, "teacher"),
+        local_out,
+        checkpoint_dir=checkpoint_dir,
+    )
     if rank == 0 and storage.is_gcs(output):  # a local --output (one node) already holds the student
         copy_tree(str(local_out), output)
         log.info("student published to %s", output)

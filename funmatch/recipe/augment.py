@@ -9,9 +9,10 @@ The crop is sampled once and resized separately per model resolution.
 All random numbers come from a CPU generator (tiny tensors), so a batch is bit-identical whether the
 images live on the host or on the GPU, and a step's augmentation is a function of (seed, step).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,14 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return g
 
 
-def inception_boxes(n: int, height: int, width: int, area_range: tuple[float, float],
-                    generator: torch.Generator, aspect_range: tuple[float, float] = ASPECT_RANGE
-                    ) -> torch.Tensor:
+def inception_boxes(
+    n: int,
+    height: int,
+    width: int,
+    area_range: tuple[float, float],
+    generator: torch.Generator,
+    aspect_range: tuple[float, float] = ASPECT_RANGE,
+) -> torch.Tensor:
     """n boxes (x0, y0, x1, y1) in pixels with integer corners, as TF's sample_distorted_bounding_box.
 
     Per attempt: area fraction ~ U(area_range), aspect ratio w/h ~ U(aspect_range) (uniform, unlike
@@ -46,8 +52,14 @@ def inception_boxes(n: int, height: int, width: int, area_range: tuple[float, fl
     h = torch.round(torch.sqrt(target / ratio))
     w = torch.round(torch.sqrt(target * ratio))
     covered = h * w / area
-    ok = (h >= 1) & (w >= 1) & (h <= height) & (w <= width) & \
-         (covered >= area_range[0] - 1e-9) & (covered <= area_range[1] + 1e-9)
+    ok = (
+        (h >= 1)
+        & (w >= 1)
+        & (h <= height)
+        & (w <= width)
+        & (covered >= area_range[0] - 1e-9)
+        & (covered <= area_range[1] + 1e-9)
+    )
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
     pick = first.clamp(min=0)
     rows = torch.arange(n)
@@ -64,8 +76,14 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     """Crops each NCHW float image to its box and resizes it to size×size, bilinear, no antialias
     (half-pixel centres, one sample per output pixel: roi_align with sampling_ratio=1, aligned)."""
     rois = torch.cat([torch.arange(len(boxes), dtype=boxes.dtype)[:, None], boxes], 1)
-    return roi_align(images, to_device(rois.to(images.dtype), images.device), (size, size), spatial_scale=1.0,
-                     sampling_ratio=1, aligned=True)
+    return roi_align(
+        images,
+        to_device(rois.to(images.dtype), images.device),
+        (size, size),
+        spatial_scale=1.0,
+        sampling_ratio=1,
+        aligned=True,
+    )
 
 
 def to_float_nchw(images_u8: torch.Tensor) -> torch.Tensor:
@@ -101,10 +119,16 @@ def shard_rows(batch_size: int, setup: str, shard: tuple[int, int] = (0, 1)) -> 
     return torch.cat([(local[:1] - 1) % batch_size, local]) if setup == "funmatch" and world > 1 else local
 
 
-def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int | Sequence[int],
-                  student_res: int | Sequence[int], area_range: tuple[float, float], generator: torch.Generator,
-                  shard: tuple[int, int] = (0, 1), batch_size: int | None = None
-                  ) -> tuple[list[torch.Tensor] | None, torch.Tensor | list[torch.Tensor]]:
+def distill_views(
+    images_u8: torch.Tensor,
+    setup: str,
+    teacher_res: int | Sequence[int],
+    student_res: int | Sequence[int],
+    area_range: tuple[float, float],
+    generator: torch.Generator,
+    shard: tuple[int, int] = (0, 1),
+    batch_size: int | None = None,
+) -> tuple[list[torch.Tensor] | None, torch.Tensor | list[torch.Tensor]]:
     """([teacher input per teacher resolution] or None for `fixed`, student input) for one batch.
 
     consistent / funmatch: one crop + flip, resized per model (funmatch adds shared mixup);
@@ -128,9 +152,13 @@ def distill_views(images_u8: torch.Tensor, setup: str, teacher_res: int | Sequen
         t_flips = torch.rand(n, generator=generator) < 0.5
     # Mixup pairs image i with i-1 of the global batch: the rows hold the neighbour of the slice's first image too.
     sharded_mixup = setup == "funmatch" and shard[1] > 1
-    x = to_float_nchw(images_u8 if len(images_u8) < n or shard[1] == 1 else images_u8[to_device(rows, images_u8.device)])
+    x = to_float_nchw(
+        images_u8 if len(images_u8) < n or shard[1] == 1 else images_u8[to_device(rows, images_u8.device)]
+    )
     if len(x) != len(rows):
-        raise ValueError(f"distill_views got {len(x)} images; expected the global batch ({n}) or its {len(rows)} shard rows")
+        raise ValueError(
+            f"distill_views got {len(x)} images; expected the global batch ({n}) or its {len(rows)} shard rows"
+        )
 
     def view(b: torch.Tensor, f: torch.Tensor, res: int) -> torch.Tensor:
         return value_range(flip(crop_resize(x, b[rows], res), f[rows]))
@@ -151,11 +179,10 @@ def eval_view(images_u8: torch.Tensor, res: int, crop_pct: float) -> torch.Tenso
     if x.shape[-2:] != (big, big):
         x = F.interpolate(x, size=(big, big), mode="bilinear", antialias=True, align_corners=False)
     top = (big - res) // 2
-    return value_range(x[..., top:top + res, top:top + res].clamp(0, 255))
+    return value_range(x[..., top : top + res, top : top + res].clamp(0, 255))
 
 
-def finetune_view(images_u8: torch.Tensor, res: int, crop_pct: float, generator: torch.Generator
-                  ) -> torch.Tensor:
+def finetune_view(images_u8: torch.Tensor, res: int, crop_pct: float, generator: torch.Generator) -> torch.Tensor:
     """BiT-HyperRule training view: square resize to res/crop_pct, random res crop, flip, [-1, 1]."""
     x = to_float_nchw(images_u8)
     big = max(res, int(round(res / crop_pct)))

@@ -1,4 +1,5 @@
 """The distillation loss: t²·KL(softmax(z_t/t) ‖ softmax(z_s/t)), batch mean, no label term."""
+
 from __future__ import annotations
 
 import torch

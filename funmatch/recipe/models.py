@@ -6,6 +6,7 @@ student R50x1); `bit-r18-mini` / `bit-r14-mini` are small BiT-style nets for CPU
 GroupNorm (8 groups) as in the paper. Checkpoints: BiT `.npz` (original TF key layout, read by timm)
 or `.safetensors` (a state dict). Nothing here downloads.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -20,8 +21,14 @@ from funmatch.config.archs import ARCHS, check_arch
 from funmatch.errors import CheckpointError
 
 
-def create_model(arch: str, num_classes: int, *, stem_pool: str = "zero_pad", zero_head: bool = True,
-                 device: torch.device | str | None = None) -> nn.Module:
+def create_model(
+    arch: str,
+    num_classes: int,
+    *,
+    stem_pool: str = "zero_pad",
+    zero_head: bool = True,
+    device: torch.device | str | None = None,
+) -> nn.Module:
     """A freshly initialised model; `zero_head` zeroes the classifier (uniform first predictions)."""
     spec = check_arch("arch", arch)
     if spec.family == "bit":
@@ -29,8 +36,12 @@ def create_model(arch: str, num_classes: int, *, stem_pool: str = "zero_pad", ze
         from timm.models.resnetv2 import ResNetV2
 
         model = ResNetV2(
-            layers=list(spec.layers), channels=spec.channels, width_factor=spec.width,
-            stem_chs=spec.stem_chs * spec.width, basic=spec.basic, num_classes=num_classes,
+            layers=list(spec.layers),
+            channels=spec.channels,
+            width_factor=spec.width,
+            stem_chs=spec.stem_chs * spec.width,
+            basic=spec.basic,
+            num_classes=num_classes,
             # zero_pad: big_transfer's zero padding + VALID max-pool; neg_inf_pad: big_vision's
             # bit_paper, whose max-pool pads with -inf (recipe.md §2.1).
             stem_type="fixed" if stem_pool == "zero_pad" else "",
@@ -79,6 +90,7 @@ def head_classes(model: nn.Module) -> int:
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def _npz_head_classes(path: str) -> int | None:
     with np.load(path, allow_pickle=False) as z:
         key = next((k for k in z.files if k.endswith("head/conv2d/kernel")), None)
@@ -102,7 +114,8 @@ def load_init(model: nn.Module, arch: str, path: str, *, load_head: bool) -> Non
         if load_head and head != num_classes:
             raise CheckpointError(
                 f"{path}: head has {head} classes but the dataset has {num_classes}; "
-                "fine-tune it (teacher.finetune=true) or give a teacher trained for these classes")
+                "fine-tune it (teacher.finetune=true) or give a teacher trained for these classes"
+            )
         reference = {k: v.shape for k, v in model.state_dict().items()}
         try:
             model.load_pretrained(path, prefix="resnet/")  # timm's BiT loader, allow_pickle=False
@@ -123,16 +136,29 @@ def load_init(model: nn.Module, arch: str, path: str, *, load_head: bool) -> Non
     head_keys = {k for k in own if _is_head_key(model, k)}
     wanted = {k: v for k, v in own.items() if load_head or k not in head_keys}
     missing = sorted(set(wanted) - set(state))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in wanted.items()
-             if k in state and state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in wanted.items()
+        if k in state and state[k].shape != v.shape
+    ]
     unexpected = sorted(set(state) - set(own))
     if missing or wrong or unexpected:
         head_mismatch = wrong and all(w.split()[0] in head_keys for w in wrong) and not missing
-        detail = "; ".join(filter(None, [
-            f"missing {missing[:3]}" if missing else "", f"shape {wrong[:3]}" if wrong else "",
-            f"unexpected {unexpected[:3]}" if unexpected else ""]))
-        hint = (" (only the head differs: set teacher.finetune=true to fine-tune it for these classes)"
-                if head_mismatch else "")
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    f"missing {missing[:3]}" if missing else "",
+                    f"shape {wrong[:3]}" if wrong else "",
+                    f"unexpected {unexpected[:3]}" if unexpected else "",
+                ],
+            )
+        )
+        hint = (
+            " (only the head differs: set teacher.finetune=true to fine-tune it for these classes)"
+            if head_mismatch
+            else ""
+        )
         raise CheckpointError(f"{path} does not fit {arch} with {num_classes} classes: {detail}{hint}")
     model.load_state_dict({k: state[k] for k in wanted}, strict=False)
 
@@ -153,9 +179,18 @@ def fold_weight_standardization(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, StdConv2d):
-                conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                 child.padding, child.dilation, child.groups, bias=child.bias is not None,
-                                 device=child.weight.device, dtype=child.weight.dtype)
+                conv = nn.Conv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    child.groups,
+                    bias=child.bias is not None,
+                    device=child.weight.device,
+                    dtype=child.weight.dtype,
+                )
                 with torch.no_grad():
                     w = child.weight.reshape(1, child.out_channels, -1)
                     w = torch.nn.functional.batch_norm(w, None, None, training=True, momentum=0.0, eps=child.eps)
@@ -173,6 +208,7 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
 
 
 # ---------------------------------------------------------------- model artifacts
+
 
 def save_bundle(out_dir: str | Path, members: list[nn.Module], info: dict[str, Any]) -> None:
     """A model artifact: `model.json` (arch, resolution, classes, ...) + one safetensors file per member."""
@@ -197,8 +233,9 @@ def load_bundle(bundle_dir: str | Path, device: torch.device | str = "cpu") -> t
     info = json.loads((bundle / "model.json").read_text())
     members = []
     for f in info["members"]:
-        m = create_model(info["arch"], len(info["classes"]), stem_pool=info.get("stem_pool", "zero_pad"),
-                         zero_head=False)
+        m = create_model(
+            info["arch"], len(info["classes"]), stem_pool=info.get("stem_pool", "zero_pad"), zero_head=False
+        )
         m.load_state_dict(load_file(str(bundle / f)))
         members.append(m.to(device).eval())
     return members, info

@@ -9,6 +9,7 @@ exact mapping is λ = wd / lr (ImageNet: 3e-4 / 0.03 = 0.01).
 Teacher fine-tuning (BiT-HyperRule): SGD momentum 0.9, no weight decay, linear warmup then ×0.1
 steps at fixed boundaries chosen by the train-set size.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,13 +33,15 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def decay_mask(model: nn.Module) -> dict[str, bool]:
     """True for conv and linear kernels (big_vision: names ending in /kernel), False for norms and biases."""
-    kernels = {f"{name}.weight".lstrip(".") for name, m in model.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None}
+    kernels = {
+        f"{name}.weight".lstrip(".")
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None
+    }
     return {name: name in kernels for name, _ in model.named_parameters()}
 
 
-def distill_optimizer(model: nn.Module, lr: float, weight_decay: float, name: str = "adam"
-                      ) -> torch.optim.Optimizer:
+def distill_optimizer(model: nn.Module, lr: float, weight_decay: float, name: str = "adam") -> torch.optim.Optimizer:
     mask = decay_mask(model)
     params = dict(model.named_parameters())
     groups = [
@@ -59,6 +62,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 # ---------------------------------------------------------------- BiT-HyperRule
+
 
 def hyperrule(train_size: int) -> tuple[int, tuple[int, ...], int]:
     """(warmup steps, step-decay boundaries, total steps) by train-set size (big_transfer)."""

@@ -16,6 +16,7 @@ up (data, teacher, students), loop, finish. The loop's side concerns are the sma
 (cadence, the non-finite guard before each save, and SIGTERM). `Hooks` lets a caller observe the loop
 (`funmatch fault-test`) or change the teacher's targets (tests); by default it does nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,8 +80,15 @@ class Hooks:
     on_checkpoint: Callable[[int, CheckpointManager], None] = _nothing
 
 
-def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path,
-        checkpoint_dir: str = "", allow_config_change: bool = False, hooks: Hooks = Hooks()) -> dict:
+def run(
+    cfg: Config,
+    dataset_dir: str | Path,
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    checkpoint_dir: str = "",
+    allow_config_change: bool = False,
+    hooks: Hooks = Hooks(),
+) -> dict:
     """Distils the teacher artifact into a student artifact in `out_dir`; returns its info.
 
     Raises TrainingError when a student's loss or gradient norm (under DDP the norm covers every rank)
@@ -94,15 +102,24 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     k, s, seed = cfg.distill, cfg.student, cfg.runtime.seed
     rank, world, device = _distributed(runtime.setup(cfg.runtime))  # torchrun: one process per GPU
     if k.batch_size % world:
-        raise ConfigError(f"distill.batch_size={k.batch_size} is not allowed: it must divide evenly over "
-                          f"{world} processes (the global batch is preserved)")
+        raise ConfigError(
+            f"distill.batch_size={k.batch_size} is not allowed: it must divide evenly over "
+            f"{world} processes (the global batch is preserved)"
+        )
 
     # Data: the train split resident on the device as uint8 (views are made there, per batch), or, when
     # larger than runtime.resident_max_gb, streamed from the shards by parallel decode workers.
     manifest = prepared.read_manifest(dataset_dir)
-    batches = loader.Batches(dataset_dir, device, cfg.runtime.resident_max_gb, k.batch_size, seed,
-                             augment.shard_rows(k.batch_size, k.setup, (rank, world)),
-                             cfg.runtime.loader_workers, cfg.runtime.jpeg_decode)
+    batches = loader.Batches(
+        dataset_dir,
+        device,
+        cfg.runtime.resident_max_gb,
+        k.batch_size,
+        seed,
+        augment.shard_rows(k.batch_size, k.setup, (rank, world)),
+        cfg.runtime.loader_workers,
+        cfg.runtime.jpeg_decode,
+    )
     steps = _total_steps(k, batches.n)
 
     # Teacher (frozen) and students (from scratch with a zero head, the paper's default), each student
@@ -111,8 +128,17 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # NHWC convs on GPUs
     teacher = _Teacher(teacher_dir, manifest["classes"], device, fmt)
     specs = [(s.arch, s.resolution)] + config.extra_students(k)
-    learners = _students(cfg, specs, manifest["num_classes"], device, fmt, world, out_dir, checkpoint_dir,
-                         allow_config_change or cfg.runtime.allow_config_change)
+    learners = _students(
+        cfg,
+        specs,
+        manifest["num_classes"],
+        device,
+        fmt,
+        world,
+        out_dir,
+        checkpoint_dir,
+        allow_config_change or cfg.runtime.allow_config_change,
+    )
     start = learners[0].start
     amp = runtime.autocast(device, cfg.runtime.precision)
 
@@ -121,8 +147,11 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
     compile_cache = _compile_cache_uri(cfg, checkpoint_dir, device)
     save_cache_at = start + 1 if compile_cache and not _load_compile_cache(compile_cache) and rank == 0 else None
     teacher.compile(cfg.runtime)
-    cudagraphs = cfg.runtime.compile and device.type == "cuda" and cfg.runtime.compile_mode in ("reduce-overhead",
-                                                                                                 "max-autotune")
+    cudagraphs = (
+        cfg.runtime.compile
+        and device.type == "cuda"
+        and cfg.runtime.compile_mode in ("reduce-overhead", "max-autotune")
+    )
     # `fixed`: the teacher's targets once per image, on the central crop, reused every step.
     fixed = teacher.fixed_targets(dataset_dir, cfg, device) if k.setup == "fixed" else None
     val_set = _val_set(dataset_dir, teacher, cfg, device) if k.eval_every else None
@@ -132,9 +161,16 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
         """One step (big_vision's update_fn): the views, the teacher's targets, every student's update."""
         if cudagraphs:  # several compiled graphs run per step: tell CUDA graph trees where a step begins
             torch.compiler.cudagraph_mark_step_begin()
-        t_in, s_in = augment.distill_views(images, k.setup, teacher.views_of, [r for _, r in specs],
-                                           (k.crop_min_area, k.crop_max_area), augment.step_generator(seed, step),
-                                           shard=(rank, world), batch_size=k.batch_size)
+        t_in, s_in = augment.distill_views(
+            images,
+            k.setup,
+            teacher.views_of,
+            [r for _, r in specs],
+            (k.crop_min_area, k.crop_max_area),
+            augment.step_generator(seed, step),
+            shard=(rank, world),
+            batch_size=k.batch_size,
+        )
         if fmt is torch.channels_last:
             s_in = [x.contiguous(memory_format=fmt) for x in s_in]
             t_in = t_in and [t.contiguous(memory_format=fmt) for t in t_in]
@@ -142,8 +178,9 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
             assert t_in is not None  # the online setups make teacher views
             target = teacher(t_in, amp)
         else:
-            target = fixed[runtime.to_device(prepared.batch_indices(step, k.batch_size, batches.n, seed)[local],
-                                             device)]
+            target = fixed[
+                runtime.to_device(prepared.batch_indices(step, k.batch_size, batches.n, seed)[local], device)
+            ]
         target = hooks.on_targets(step, target)
         lr = k.lr * optim.warmup_cosine(step, k.warmup_steps, steps)
         for learner, x in zip(learners, s_in):
@@ -151,14 +188,29 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, out_dir: 
 
     if start:
         log.info("resumed from %s at step %d of %d", checkpoint_dir, start, steps)
-    log.info("distill %s→%s, setup %s: %d steps × batch %d (%.4g epochs of %d), t=%g, lr %g, wd %g, %s→%spx on %s",
-             teacher.info["arch"], ", ".join(a for a, _ in specs), k.setup, steps, k.batch_size, k.epochs,
-             batches.n, k.temperature, k.lr, k.weight_decay, teacher.resolutions, [r for _, r in specs], device)
+    log.info(
+        "distill %s→%s, setup %s: %d steps × batch %d (%.4g epochs of %d), t=%g, lr %g, wd %g, %s→%spx on %s",
+        teacher.info["arch"],
+        ", ".join(a for a, _ in specs),
+        k.setup,
+        steps,
+        k.batch_size,
+        k.epochs,
+        batches.n,
+        k.temperature,
+        k.lr,
+        k.weight_decay,
+        teacher.resolutions,
+        [r for _, r in specs],
+        device,
+    )
     hooks.on_start(start, learners[0].ckpt)
     throughput = _Throughput(device, start, steps, k.batch_size, cfg.runtime.sync_debug)
 
-    with _Checkpoints(learners, rank, steps, hooks) as checkpoints, \
-            _Progress(Path(out_dir), rank, start, steps, k.batch_size) as progress:
+    with (
+        _Checkpoints(learners, rank, steps, hooks) as checkpoints,
+        _Progress(Path(out_dir), rank, start, steps, k.batch_size) as progress,
+    ):
         for step, images in zip(range(start, steps), batches.iterate(start, steps)):
             hooks.on_step(step)
             if step == save_cache_at:  # the first step compiled every graph
@@ -191,20 +243,22 @@ def _total_steps(k: DistillConfig, n: int) -> int:
     """The run's steps for `n` train images; the warmup must be shorter."""
     steps = optim.total_steps(k.epochs, n, k.batch_size)
     if k.warmup_steps >= steps:
-        raise ConfigError(f"distill.warmup_steps={k.warmup_steps} is not allowed: this run has only {steps} "
-                          f"steps ({k.epochs} epochs × {n} images / batch {k.batch_size}); expected fewer")
+        raise ConfigError(
+            f"distill.warmup_steps={k.warmup_steps} is not allowed: this run has only {steps} "
+            f"steps ({k.epochs} epochs × {n} images / batch {k.batch_size}); expected fewer"
+        )
     return steps
 
 
 class _Teacher:
     """The teacher (or ensemble): frozen, eval mode, outside the optimizer and the checkpoints."""
 
-    def __init__(self, teacher_dir: str | Path, classes: list[str], device: torch.device,
-                 fmt: torch.memory_format) -> None:
+    def __init__(
+        self, teacher_dir: str | Path, classes: list[str], device: torch.device, fmt: torch.memory_format
+    ) -> None:
         members, self.info = models.load_bundle(teacher_dir, device)
         if self.info["classes"] != classes:
-            raise DataError(f"teacher classes {self.info['classes'][:5]}... differ from the dataset's "
-                            f"{classes[:5]}...")
+            raise DataError(f"teacher classes {self.info['classes'][:5]}... differ from the dataset's {classes[:5]}...")
         self.members = [models.freeze(t) for t in members]
         self.resolutions = resolutions(self.info)  # one per ensemble member
         self.views_of = sorted(set(self.resolutions))  # the teacher views each step makes
@@ -225,8 +279,18 @@ class _Teacher:
     def fixed_targets(self, dataset_dir: str | Path, cfg: Config, device: torch.device) -> torch.Tensor:
         """Logits of every train image's central crop, shard by shard (the split need not fit in memory)."""
         train = prepared.ShardedImages(dataset_dir, "train")
-        return torch.cat([predict(self.members, torch.from_numpy(train.gather(np.arange(a, a + c))), self.resolutions,
-                                  cfg.eval, device) for a, c in zip(train.starts[:-1], train.counts)]).to(device)
+        return torch.cat(
+            [
+                predict(
+                    self.members,
+                    torch.from_numpy(train.gather(np.arange(a, a + c))),
+                    self.resolutions,
+                    cfg.eval,
+                    device,
+                )
+                for a, c in zip(train.starts[:-1], train.counts)
+            ]
+        ).to(device)
 
 
 def _val_set(dataset_dir: str | Path, teacher: _Teacher, cfg: Config, device: torch.device) -> ValSet:
@@ -257,9 +321,12 @@ class _Throughput:
             torch.cuda.set_sync_debug_mode("default")
         runtime.synchronize(self.device)
         seconds = time.perf_counter() - self.began
-        return {"img_per_s": round((self.steps - self.first) * self.batch_size / seconds, 1)
-                if self.steps > self.first else None,
-                "peak_mem_gb": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2) if cuda else None}
+        return {
+            "img_per_s": round((self.steps - self.first) * self.batch_size / seconds, 1)
+            if self.steps > self.first
+            else None,
+            "peak_mem_gb": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2) if cuda else None,
+        }
 
 
 class _Progress:
@@ -268,8 +335,16 @@ class _Progress:
     def __init__(self, out_dir: Path, rank: int, start: int, steps: int, batch_size: int) -> None:
         self.batch_size = batch_size
         self.board = _tensorboard(out_dir / "tensorboard") if rank == 0 else None
-        self.bar = tqdm(total=steps * batch_size, initial=start * batch_size, desc="distill", unit="img",
-                        unit_scale=True, mininterval=2, file=sys.stderr, disable=rank > 0)
+        self.bar = tqdm(
+            total=steps * batch_size,
+            initial=start * batch_size,
+            desc="distill",
+            unit="img",
+            unit_scale=True,
+            mininterval=2,
+            file=sys.stderr,
+            disable=rank > 0,
+        )
 
     def __enter__(self) -> _Progress:
         return self
@@ -344,17 +419,26 @@ class _Checkpoints:
 class Learner:
     """One student: model, optimizer, DDP/compiled forward, checkpoints, running loss and history."""
 
-    def __init__(self, arch: str, res: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                 forward: Callable[[torch.Tensor], torch.Tensor], ckpt: CheckpointManager | None,
-                 resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        arch: str,
+        res: int,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        ckpt: CheckpointManager | None,
+        resume_step: int | None = None,
+    ) -> None:
         self.arch, self.res, self.model, self.opt, self.forward, self.ckpt = arch, res, model, opt, forward, ckpt
         self.start, self.history = 0, []
         self.running, self.window = torch.zeros((), device=next(model.parameters()).device), 0
         self.unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss, grad norm) on the device
         loaded = ckpt.load_latest(only_step=resume_step or None) if ckpt else None
         if ckpt and resume_step and not loaded:
-            raise CheckpointError(f"{ckpt.directory} has no valid checkpoint at step {resume_step}, where the "
-                                  "first student resumes; delete both checkpoint directories to start over")
+            raise CheckpointError(
+                f"{ckpt.directory} has no valid checkpoint at step {resume_step}, where the "
+                "first student resumes; delete both checkpoint directories to start over"
+            )
         if loaded:
             CheckpointManager.restore(loaded, model, opt)
             self.start, self.history = loaded.step, loaded.meta["extra"].get("history", [])
@@ -394,8 +478,11 @@ class Learner:
         if world > 1:
             torch.distributed.all_reduce(self.running)
             self.running /= world
-        entry = {"step": done, "loss": round(self.running.item() / self.window, 5),
-                 "lr": self.opt.param_groups[0]["lr"]}
+        entry = {
+            "step": done,
+            "loss": round(self.running.item() / self.window, 5),
+            "lr": self.opt.param_groups[0]["lr"],
+        }
         self.running.zero_()
         self.window = 0
         if val_set:
@@ -405,8 +492,9 @@ class Learner:
 
     def save(self, done: int) -> None:
         assert self.ckpt is not None  # only learners with a checkpoint directory are saved
-        self.ckpt.save(done, self.model, self.opt,
-                       {"history": self.history, "loss_window": [self.running.item(), self.window]})
+        self.ckpt.save(
+            done, self.model, self.opt, {"history": self.history, "loss_window": [self.running.item(), self.window]}
+        )
 
 
 def _check_finite(learners: list[Learner]) -> None:
@@ -420,28 +508,62 @@ def _check_finite(learners: list[Learner]) -> None:
         student = f" of student {learner.arch}@{learner.res}" if i else ""
         ckpt = learners[0].ckpt
         last = ckpt.latest_step() if ckpt else None
-        where = ("no checkpoint directory was given" if ckpt is None else
-                 f"no checkpoint was written in {ckpt.directory}" if last is None else
-                 f"the last good checkpoint is step {last} in {ckpt.directory}")
+        where = (
+            "no checkpoint directory was given"
+            if ckpt is None
+            else f"no checkpoint was written in {ckpt.directory}"
+            if last is None
+            else f"the last good checkpoint is step {last} in {ckpt.directory}"
+        )
         raise TrainingError(f"distill: non-finite {what} at step {step}{student}; {where}")
 
 
-def _students(cfg: Config, specs: list[tuple[str, int]], num_classes: int, device: torch.device,
-              fmt: torch.memory_format, world: int, out_dir: str | Path, checkpoint_dir: str,
-              allow_config_change: bool) -> list[Learner]:
+def _students(
+    cfg: Config,
+    specs: list[tuple[str, int]],
+    num_classes: int,
+    device: torch.device,
+    fmt: torch.memory_format,
+    world: int,
+    out_dir: str | Path,
+    checkpoint_dir: str,
+    allow_config_change: bool,
+) -> list[Learner]:
     """One learner per (arch, resolution), the first student's checkpoints in `checkpoint_dir`, the i-th
     further one's in `checkpoint_dir`-extra<i>; further students resume at the first one's step."""
     learners: list[Learner] = []
     for i, (arch, res) in enumerate(specs):
-        learners.append(_learner(cfg, arch, res, num_classes, device, fmt, world, out_dir,
-                                 f"{checkpoint_dir}{'' if i == 0 else f'-extra{i}'}" if checkpoint_dir else "",
-                                 allow_config_change, resume_step=learners[0].start if learners else None))
+        learners.append(
+            _learner(
+                cfg,
+                arch,
+                res,
+                num_classes,
+                device,
+                fmt,
+                world,
+                out_dir,
+                f"{checkpoint_dir}{'' if i == 0 else f'-extra{i}'}" if checkpoint_dir else "",
+                allow_config_change,
+                resume_step=learners[0].start if learners else None,
+            )
+        )
     return learners
 
 
-def _learner(cfg: Config, arch: str, res: int, num_classes: int, device: torch.device, fmt: torch.memory_format,
-             world: int, out_dir: str | Path, checkpoint_dir: str, allow_config_change: bool,
-             resume_step: int | None = None) -> Learner:
+def _learner(
+    cfg: Config,
+    arch: str,
+    res: int,
+    num_classes: int,
+    device: torch.device,
+    fmt: torch.memory_format,
+    world: int,
+    out_dir: str | Path,
+    checkpoint_dir: str,
+    allow_config_change: bool,
+    resume_step: int | None = None,
+) -> Learner:
     s, k = cfg.student, cfg.distill
     # Initialised from (seed, arch, resolution): a student starts the same alone or beside others.
     torch.manual_seed(zlib.crc32(f"{cfg.runtime.seed}:{arch}:{res}".encode()))
@@ -453,32 +575,59 @@ def _learner(cfg: Config, arch: str, res: int, num_classes: int, device: torch.d
     opt = optim.distill_optimizer(model, k.lr, k.weight_decay, k.optimizer)
     forward: Callable[[torch.Tensor], torch.Tensor] = model
     if world > 1:  # only students are wrapped: the frozen teacher stays outside DDP
-        forward = torch.nn.parallel.DistributedDataParallel(model,
-                                                            device_ids=[device] if device.type == "cuda" else None)
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     forward = torch.compile(forward, mode=cfg.runtime.compile_mode) if cfg.runtime.compile else forward
-    ckpt = CheckpointManager(checkpoint_dir, cfg.hash(), keep=k.keep_checkpoints, every_steps=k.checkpoint_every_steps,
-                             every_minutes=k.checkpoint_every_minutes,
-                             allow_config_change=allow_config_change) if checkpoint_dir else None
+    ckpt = (
+        CheckpointManager(
+            checkpoint_dir,
+            cfg.hash(),
+            keep=k.keep_checkpoints,
+            every_steps=k.checkpoint_every_steps,
+            every_minutes=k.checkpoint_every_minutes,
+            allow_config_change=allow_config_change,
+        )
+        if checkpoint_dir
+        else None
+    )
     return Learner(arch, res, model, opt, forward, ckpt, resume_step)
 
 
-def _write_students(cfg: Config, learners: list[Learner], manifest: dict, teacher: _Teacher, steps: int,
-                    wall_s: float, out_dir: Path) -> dict:
+def _write_students(
+    cfg: Config, learners: list[Learner], manifest: dict, teacher: _Teacher, steps: int, wall_s: float, out_dir: Path
+) -> dict:
     """Each student as a model bundle with its history.json (the first in `out_dir`, others in extra-<i>);
     returns the first's info."""
     k, s = cfg.distill, cfg.student
-    common = {"role": "student", "classes": manifest["classes"], "crop_pct": cfg.eval.crop_pct,
-              "teacher": teacher.info["arch"], "teacher_resolution": teacher.resolutions[0], "setup": k.setup,
-              "steps": steps, "epochs": k.epochs, "images_seen": steps * k.batch_size, "config_hash": cfg.hash(),
-              "wall_s": wall_s}
+    common = {
+        "role": "student",
+        "classes": manifest["classes"],
+        "crop_pct": cfg.eval.crop_pct,
+        "teacher": teacher.info["arch"],
+        "teacher_resolution": teacher.resolutions[0],
+        "setup": k.setup,
+        "steps": steps,
+        "epochs": k.epochs,
+        "images_seen": steps * k.batch_size,
+        "config_hash": cfg.hash(),
+        "wall_s": wall_s,
+    }
     for i, learner in enumerate(learners):
         target_dir = out_dir if i == 0 else out_dir / f"extra-{i}"
         learner.model.eval()
-        models.save_bundle(target_dir, [learner.model.cpu()],
-                           common | {"arch": learner.arch, "resolution": learner.res, "stem_pool": s.stem_pool})
+        models.save_bundle(
+            target_dir,
+            [learner.model.cpu()],
+            common | {"arch": learner.arch, "resolution": learner.res, "stem_pool": s.stem_pool},
+        )
         (target_dir / "history.json").write_text(json.dumps(learner.history))
-    return common | {"arch": s.arch, "resolution": s.resolution, "stem_pool": s.stem_pool,
-                     "extra_students": [f"extra-{i}" for i in range(1, len(learners))]}
+    return common | {
+        "arch": s.arch,
+        "resolution": s.resolution,
+        "stem_pool": s.stem_pool,
+        "extra_students": [f"extra-{i}" for i in range(1, len(learners))],
+    }
 
 
 def _compile_cache_uri(cfg: Config, checkpoint_dir: str, device: torch.device) -> str:
@@ -499,8 +648,12 @@ def _load_compile_cache(uri: str) -> bool:
     except Exception as e:  # a speed-up only: a bad cache file costs a recompile, not the run
         log.warning("compile cache %s not loaded (%s: %s); compiling afresh", uri, type(e).__name__, e)
         return False
-    log.info("compile cache: %d inductor, %d autograd artifacts loaded from %s",
-             len(info.inductor_artifacts) if info else 0, len(info.aot_autograd_artifacts) if info else 0, uri)
+    log.info(
+        "compile cache: %d inductor, %d autograd artifacts loaded from %s",
+        len(info.inductor_artifacts) if info else 0,
+        len(info.aot_autograd_artifacts) if info else 0,
+        uri,
+    )
     return True
 
 
@@ -534,5 +687,8 @@ def _val_metrics(student: torch.nn.Module, val_set: ValSet, res: int, cfg: Confi
     student.eval()
     s_logits = predict([student], vx, res, cfg.eval, device)
     d = distances(s_logits, t_logits)
-    return {"val_prec@1": round(prec1(s_logits, vy), 4),
-            "val_agree@1": round(d["agree@1"], 4), "val_kl": round(d["kl"], 4)}
+    return {
+        "val_prec@1": round(prec1(s_logits, vy), 4),
+        "val_agree@1": round(d["agree@1"], 4),
+        "val_kl": round(d["kl"], 4),
+    }

@@ -5,6 +5,7 @@ prec@1 for both models; student–teacher distances on logits at eval preprocess
 KL(teacher ‖ student) at t=1 and the logits' L2 distance. The teacher runs once per split. The test
 split adds per-class accuracy and the confusion matrix.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,23 +17,24 @@ import torch
 from torch import nn
 
 from funmatch import runtime
+from funmatch.config import Config, EvalConfig
 from funmatch.data import prepared
 from funmatch.recipe import augment, models
 from funmatch.recipe.metrics import distances, prec1
-from funmatch.config import Config, EvalConfig
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def predict(members: list[nn.Module], images_u8: torch.Tensor, res: int | list[int], ev: EvalConfig,
-            device: torch.device) -> torch.Tensor:
+def predict(
+    members: list[nn.Module], images_u8: torch.Tensor, res: int | list[int], ev: EvalConfig, device: torch.device
+) -> torch.Tensor:
     """Logits (float32, CPU) of an ensemble (logits averaged; each member at its own resolution) on
     eval views of uint8 NHWC images."""
     resolutions = res if isinstance(res, list) else [res] * len(members)
     out = []
     for start in range(0, len(images_u8), ev.batch_size):
-        batch = images_u8[start:start + ev.batch_size].to(device)
+        batch = images_u8[start : start + ev.batch_size].to(device)
         views = {r: augment.eval_view(batch, r, ev.crop_pct) for r in set(resolutions)}
         out.append(torch.stack([m(views[r]).float() for m, r in zip(members, resolutions)]).mean(0).cpu())
     return torch.cat(out) if out else torch.zeros(0)
@@ -55,8 +57,10 @@ def gate(cfg: Config, metrics: dict) -> tuple[bool, str]:
     if s < g.min_student_acc:
         return False, f"student test prec@1 {s:.4f} < gate.min_student_acc={g.min_student_acc}"
     if s < g.min_teacher_ratio * t:
-        return False, (f"student test prec@1 {s:.4f} < gate.min_teacher_ratio={g.min_teacher_ratio} × teacher "
-                       f"{t:.4f} = {g.min_teacher_ratio * t:.4f}")
+        return False, (
+            f"student test prec@1 {s:.4f} < gate.min_teacher_ratio={g.min_teacher_ratio} × teacher "
+            f"{t:.4f} = {g.min_teacher_ratio * t:.4f}"
+        )
     return True, f"student test prec@1 {s:.4f} (teacher {t:.4f}) passes the gate"
 
 
@@ -69,7 +73,9 @@ def report_html(metrics: dict, student_dir: Path, s_info: dict, t_info: dict, ga
         f"<tr><td>{split}</td><td>{metrics.get(f'teacher/{split}/prec@1', float('nan')):.4f}</td>"
         f"<td>{metrics.get(f'student/{split}/prec@1', float('nan')):.4f}</td>"
         f"<td>{metrics.get(f'student/{split}/agree@1', float('nan')):.4f}</td>"
-        f"<td>{metrics.get(f'student/{split}/kl', float('nan')):.4f}</td></tr>" for split in ("minitrain", "val", "test"))
+        f"<td>{metrics.get(f'student/{split}/kl', float('nan')):.4f}</td></tr>"
+        for split in ("minitrain", "val", "test")
+    )
     history_file = student_dir / "history.json"
     history = json.loads(history_file.read_text()) if history_file.exists() else []
     img = ""
@@ -92,10 +98,12 @@ def report_html(metrics: dict, student_dir: Path, s_info: dict, t_info: dict, ga
         fig.savefig(buf, format="png", dpi=90)
         plt.close(fig)
         img = f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-    return (f"<html><body><h3>funmatch: {t_info['arch']}@{t_info['resolution']} → "
-            f"{s_info['arch']}@{s_info['resolution']} ({s_info.get('setup', '')}, {s_info.get('steps', '?')} steps)</h3>"
-            f"<p>Quality gate: {gate_reason}</p><table border=1 cellpadding=4><tr><th>split</th><th>teacher prec@1"
-            f"</th><th>student prec@1</th><th>agree@1</th><th>KL</th></tr>{rows}</table>{img}</body></html>")
+    return (
+        f"<html><body><h3>funmatch: {t_info['arch']}@{t_info['resolution']} → "
+        f"{s_info['arch']}@{s_info['resolution']} ({s_info.get('setup', '')}, {s_info.get('steps', '?')} steps)</h3>"
+        f"<p>Quality gate: {gate_reason}</p><table border=1 cellpadding=4><tr><th>split</th><th>teacher prec@1"
+        f"</th><th>student prec@1</th><th>agree@1</th><th>KL</th></tr>{rows}</table>{img}</body></html>"
+    )
 
 
 @dataclass
@@ -133,8 +141,11 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
     metrics: dict[str, float] = {}
     confusion = None
     for split in ("minitrain", "val", "test"):
-        images, labels = prepared.load_split(dataset_dir, "train" if split == "minitrain" else split,
-                                         limit=cfg.eval.minitrain_size if split == "minitrain" else None)
+        images, labels = prepared.load_split(
+            dataset_dir,
+            "train" if split == "minitrain" else split,
+            limit=cfg.eval.minitrain_size if split == "minitrain" else None,
+        )
         if len(labels) == 0:
             continue
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
@@ -154,7 +165,17 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
     metrics["evaluate/wall_s"] = clock()
     passed, reason = gate(cfg, metrics)
     metrics["gate/passed"] = float(passed)
-    log.info("teacher test prec@1 %.4f, student %.4f, agree@1 %.4f",
-             metrics["teacher/test/prec@1"], metrics["student/test/prec@1"], metrics["student/test/agree@1"])
-    return Evaluation(metrics, classes, confusion.tolist() if confusion is not None else [], passed, reason,
-                      report_html(metrics, Path(student_dir), s_info, t_info, reason))
+    log.info(
+        "teacher test prec@1 %.4f, student %.4f, agree@1 %.4f",
+        metrics["teacher/test/prec@1"],
+        metrics["student/test/prec@1"],
+        metrics["student/test/agree@1"],
+    )
+    return Evaluation(
+        metrics,
+        classes,
+        confusion.tolist() if confusion is not None else [],
+        passed,
+        reason,
+        report_html(metrics, Path(student_dir), s_info, t_info, reason),
+    )

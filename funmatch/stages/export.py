@@ -5,6 +5,7 @@ ONNX model must reproduce PyTorch's logits on real test images within `export.ma
 `model.json` tells a consumer with nothing else how to feed the model; `metrics.json` gathers the
 evaluation, the export check and the stage timings.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,12 @@ import numpy as np
 import torch
 
 from funmatch import __version__, runtime
+from funmatch.config import Config
 from funmatch.data import prepared
+from funmatch.errors import FunmatchError
 from funmatch.recipe import augment, models
 from funmatch.stages import quantize
 from funmatch.storage import publish
-from funmatch.config import Config
-from funmatch.errors import FunmatchError
 
 log = logging.getLogger(__name__)
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -36,9 +37,19 @@ def to_onnx(model: torch.nn.Module, res: int, path: Path, opset: int) -> None:
     example = torch.zeros(2, 3, res, res)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          opset_version=opset, dynamo=True, external_data=False, optimize=True, verbose=False,
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}})
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+        )
 
 
 def max_abs_diff(model: torch.nn.Module, onnx_path: Path, x: torch.Tensor) -> float:
@@ -58,8 +69,12 @@ def model_card(cfg: Config, info: dict, metrics: dict) -> dict:
         "file": "model.onnx",
         "classes": info["classes"],
         "input": {"name": INPUT_NAME, "shape": ["batch", 3, res, res], "dtype": "float32", "layout": "NCHW"},
-        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(info["classes"])], "dtype": "float32",
-                   "meaning": "logits in the order of `classes` (softmax for probabilities)"},
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": ["batch", len(info["classes"])],
+            "dtype": "float32",
+            "meaning": "logits in the order of `classes` (softmax for probabilities)",
+        },
         "preprocessing": {
             "color": "RGB (grayscale, palette, RGBA over white and CMYK converted to RGB; EXIF orientation applied)",
             "resize": {"short_side": int(round(res / crop_pct)), "interpolation": "bilinear", "antialias": True},
@@ -67,11 +82,19 @@ def model_card(cfg: Config, info: dict, metrics: dict) -> dict:
             "value_range": [-1.0, 1.0],
             "formula": "x = pixel_uint8 / 127.5 - 1 (i.e. mean 0.5, std 0.5 on [0, 1]), channels first",
         },
-        "student": {"arch": info["arch"], "resolution": res, "setup": info["setup"], "steps": info["steps"],
-                    "epochs": info["epochs"]},
+        "student": {
+            "arch": info["arch"],
+            "resolution": res,
+            "setup": info["setup"],
+            "steps": info["steps"],
+            "epochs": info["epochs"],
+        },
         "teacher": {"arch": info["teacher"], "resolution": info["teacher_resolution"]},
-        "metrics": {k: metrics[k] for k in ("student/test/prec@1", "teacher/test/prec@1", "student/test/agree@1")
-                    if k in metrics},
+        "metrics": {
+            k: metrics[k]
+            for k in ("student/test/prec@1", "teacher/test/prec@1", "student/test/agree@1")
+            if k in metrics
+        },
         "preset": cfg.preset,
         "config_hash": info["config_hash"],
         "package": {"name": "funmatch", "version": __version__},
@@ -103,8 +126,14 @@ class Export:
     metrics: dict[str, float]
 
 
-def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, evaluation: dict[str, float],
-        out_dir: str | Path, stage_wall_s: dict[str, float] | None = None) -> Export:
+def run(
+    cfg: Config,
+    dataset_dir: str | Path,
+    student_dir: str | Path,
+    evaluation: dict[str, float],
+    out_dir: str | Path,
+    stage_wall_s: dict[str, float] | None = None,
+) -> Export:
     """Writes model.onnx, model.json and metrics.json (and model.int8.onnx with export.int8, unless it
     loses more than export.max_int8_drop) into `out_dir`; `evaluation`: the evaluate stage's metrics."""
     clock = runtime.Stopwatch()
@@ -123,8 +152,10 @@ def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, evaluatio
     (reference,), _ = models.load_bundle(student_dir, "cpu")  # unfolded: the model as trained
     diff = max_abs_diff(reference, out / "model.onnx", x)
     if diff > cfg.export.max_abs_diff:
-        raise FunmatchError(f"ONNX logits differ from PyTorch by {diff:.2e} on {len(x)} test images, "
-                            f"more than export.max_abs_diff={cfg.export.max_abs_diff}")
+        raise FunmatchError(
+            f"ONNX logits differ from PyTorch by {diff:.2e} on {len(x)} test images, "
+            f"more than export.max_abs_diff={cfg.export.max_abs_diff}"
+        )
 
     extra_models = []
     for sub in info.get("extra_students", []):  # every student of the run gets its own ONNX file
@@ -135,8 +166,10 @@ def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, evaluatio
         x_e = augment.eval_view(torch.from_numpy(images[:CHECK_IMAGES]), e_info["resolution"], e_info["crop_pct"])
         e_diff = max_abs_diff(reference, out / name, x_e)
         if e_diff > cfg.export.max_abs_diff:
-            raise FunmatchError(f"{name}: ONNX logits differ from PyTorch by {e_diff:.2e}, more than "
-                                f"export.max_abs_diff={cfg.export.max_abs_diff}")
+            raise FunmatchError(
+                f"{name}: ONNX logits differ from PyTorch by {e_diff:.2e}, more than "
+                f"export.max_abs_diff={cfg.export.max_abs_diff}"
+            )
         diff = max(diff, e_diff)
         extra_models.append({"file": name, "arch": e_info["arch"], "resolution": e_info["resolution"]})
 
@@ -145,8 +178,9 @@ def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, evaluatio
     metrics["export/onnx_bytes"] = (out / "model.onnx").stat().st_size
     int8_card = None
     if cfg.export.int8:
-        int8_metrics, int8_card = quantize.export_int8(cfg, dataset_dir, out, images, labels, res, info["crop_pct"],
-                                                       INPUT_NAME)
+        int8_metrics, int8_card = quantize.export_int8(
+            cfg, dataset_dir, out, images, labels, res, info["crop_pct"], INPUT_NAME
+        )
         metrics.update(int8_metrics)
     metrics["export/wall_s"] = clock()
     walls = (stage_wall_s or {}) | {"evaluate": metrics.get("evaluate/wall_s", 0.0), "export": metrics["export/wall_s"]}
@@ -159,6 +193,10 @@ def run(cfg: Config, dataset_dir: str | Path, student_dir: str | Path, evaluatio
     if extra_models:
         card["extra_models"] = extra_models  # same classes, input name and preprocessing at their resolution
     (out / "model.json").write_text(json.dumps(card, indent=1))
-    log.info("exported %s (%d bytes), ONNX vs PyTorch max abs diff %.2e", out / "model.onnx",
-             metrics["export/onnx_bytes"], diff)
+    log.info(
+        "exported %s (%d bytes), ONNX vs PyTorch max abs diff %.2e",
+        out / "model.onnx",
+        metrics["export/onnx_bytes"],
+        diff,
+    )
     return Export(result_files(out), card, metrics)

@@ -6,6 +6,7 @@ decay, linear warmup + ×0.1 steps (schedule by train-set size, `finetune.steps`
 mixup α by train-set size. Views: square resize to res/crop_pct, random crop, flip.
 `teacher.finetune=false` instead checks the given checkpoints against the classes and passes them on.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,12 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from funmatch import runtime, storage
-from funmatch.data import prepared, loader
-from funmatch.recipe.metrics import prec1
-from funmatch.recipe import augment, models, optim
-from funmatch import config
+from funmatch import config, runtime, storage
 from funmatch.config import Config, split_uris
+from funmatch.data import loader, prepared
+from funmatch.recipe import augment, models, optim
+from funmatch.recipe.metrics import prec1
 from funmatch.stages.evaluate import predict
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,15 @@ log = logging.getLogger(__name__)
 
 def _info(cfg: Config, manifest: dict, **extra) -> dict:
     t = cfg.teacher
-    return {"role": "teacher", "arch": t.arch, "resolution": t.resolution, "stem_pool": t.stem_pool,
-            "classes": manifest["classes"], "init": t.init, "crop_pct": cfg.eval.crop_pct} | extra
+    return {
+        "role": "teacher",
+        "arch": t.arch,
+        "resolution": t.resolution,
+        "stem_pool": t.stem_pool,
+        "classes": manifest["classes"],
+        "init": t.init,
+        "crop_pct": cfg.eval.crop_pct,
+    } | extra
 
 
 def given_teacher(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict:
@@ -39,11 +46,11 @@ def given_teacher(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> 
     members = []
     for uri in split_uris(cfg.teacher.init):
         model = models.create_model(cfg.teacher.arch, manifest["num_classes"], stem_pool=cfg.teacher.stem_pool)
-        models.load_init(model, cfg.teacher.arch, storage.fetch(uri, Path(out_dir).parent / ".cache"),
-                         load_head=True)
+        models.load_init(model, cfg.teacher.arch, storage.fetch(uri, Path(out_dir).parent / ".cache"), load_head=True)
         members.append(model)
-    info = _info(cfg, manifest, finetuned=False, member_resolutions=config.member_resolutions(cfg.teacher),
-                 wall_s=clock())
+    info = _info(
+        cfg, manifest, finetuned=False, member_resolutions=config.member_resolutions(cfg.teacher), wall_s=clock()
+    )
     models.save_bundle(out_dir, members, info)
     return info
 
@@ -55,14 +62,21 @@ def run(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict:
     t, f = cfg.teacher, cfg.finetune
     manifest = prepared.read_manifest(dataset_dir)
     # The train split resident on the device, or streamed by decode workers (as in distill).
-    batches = loader.Batches(dataset_dir, device, cfg.runtime.resident_max_gb, f.batch_size, cfg.runtime.seed,
-                             torch.arange(f.batch_size), cfg.runtime.loader_workers, cfg.runtime.jpeg_decode)
+    batches = loader.Batches(
+        dataset_dir,
+        device,
+        cfg.runtime.resident_max_gb,
+        f.batch_size,
+        cfg.runtime.seed,
+        torch.arange(f.batch_size),
+        cfg.runtime.loader_workers,
+        cfg.runtime.jpeg_decode,
+    )
     labels = torch.from_numpy(prepared.load_labels(dataset_dir, "train")).to(device)
     n = batches.n
 
     # Model: pretrained body (if any) + a fresh zero head for these classes.
-    model = models.create_model(t.arch, manifest["num_classes"], stem_pool=t.stem_pool, zero_head=True,
-                                device=device)
+    model = models.create_model(t.arch, manifest["num_classes"], stem_pool=t.stem_pool, zero_head=True, device=device)
     inits = split_uris(t.init)
     if inits:
         models.load_init(model, t.arch, storage.fetch(inits[0], Path(out_dir).parent / ".cache"), load_head=False)
@@ -72,8 +86,17 @@ def run(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict:
     warmup, boundaries, steps = optim.scaled_hyperrule(n, f.steps)
     alpha = optim.hyperrule_mixup_alpha(n) if f.mixup_alpha < 0 else f.mixup_alpha
     opt = torch.optim.SGD(model.parameters(), lr=f.lr, momentum=f.momentum, weight_decay=0.0)
-    log.info("teacher %s from %s: %d steps (warmup %d, decays at %s), batch %d, mixup α %.2g, %dpx",
-             t.arch, t.init, steps, warmup, boundaries, f.batch_size, alpha, t.resolution)
+    log.info(
+        "teacher %s from %s: %d steps (warmup %d, decays at %s), batch %d, mixup α %.2g, %dpx",
+        t.arch,
+        t.init,
+        steps,
+        warmup,
+        boundaries,
+        f.batch_size,
+        alpha,
+        t.resolution,
+    )
 
     model.train()
     running = torch.zeros((), device=device)

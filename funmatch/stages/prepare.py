@@ -7,6 +7,7 @@ a time, then the manifest. More unreadable files than
 `data.max_bad_fraction` fails the stage. An archive source is extracted into `.source/` inside the
 artifact and removed once decoded.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ from typing import Union
 import numpy as np
 from tqdm import tqdm
 
-from funmatch.data import prepared, sources
 from funmatch.config import Config
+from funmatch.data import prepared, sources
 from funmatch.errors import DataError
 from funmatch.runtime import Stopwatch
 
@@ -46,8 +47,12 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     origin = "source"
     if "all" in parts:
         whole = parts.pop("all")
-        val_idx, test_idx, train_idx = prepared.stratified_split(_labels(whole), (d.val_fraction, d.test_fraction), d.split_seed)
-        parts |= {split: _take(whole, idx) for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx))}
+        val_idx, test_idx, train_idx = prepared.stratified_split(
+            _labels(whole), (d.val_fraction, d.test_fraction), d.split_seed
+        )
+        parts |= {
+            split: _take(whole, idx) for split, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx))
+        }
         origin = f"stratified(seed={d.split_seed}, val={d.val_fraction}, test={d.test_fraction})"
     elif "train" in parts and ("val" not in parts or "test" not in parts):
         missing = [s for s in ("val", "test") if s not in parts]
@@ -55,12 +60,15 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
         train = parts["train"]
         cut = prepared.stratified_split(_labels(train), fracs, d.split_seed)
         parts |= {split: _take(train, idx) for split, idx in zip(missing, cut)} | {"train": _take(train, cut[-1])}
-        origin = f"source train/{'/'.join(s for s in ('val', 'test') if s not in missing)} + " \
-                 f"stratified {'/'.join(missing)} (seed={d.split_seed})"
+        origin = (
+            f"source train/{'/'.join(s for s in ('val', 'test') if s not in missing)} + "
+            f"stratified {'/'.join(missing)} (seed={d.split_seed})"
+        )
     if d.max_train_per_class:
         labels = _labels(parts["train"])
-        keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:d.max_train_per_class]
-                                       for c in range(len(source.classes))]))
+        keep = np.sort(
+            np.concatenate([np.flatnonzero(labels == c)[: d.max_train_per_class] for c in range(len(source.classes))])
+        )
         parts["train"] = _take(parts["train"], keep)
 
     # 2. Decode to the stored resolution and write shards as they fill (memory: one shard at a time).
@@ -74,16 +82,19 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
             if isinstance(part, tuple):  # pre-decoded arrays
                 writer.add(sources.resize_array(part[0], size), part[1])
             for start in range(0, 0 if isinstance(part, tuple) else len(part), d.shard_size):
-                images, labels, bad = sources.decode_files(part[start:start + d.shard_size], size, d.max_image_pixels,
-                                                        bar.update)
+                images, labels, bad = sources.decode_files(
+                    part[start : start + d.shard_size], size, d.max_image_pixels, bar.update
+                )
                 writer.add(images, labels)
                 skipped += bad
             entries[split] = writer.close()
     sources.quarantine(source, skipped, out)  # bytes kept for a look, even when the stage fails below
     shutil.rmtree(work, ignore_errors=True)
     if total and len(skipped) > d.max_bad_fraction * total:
-        raise DataError(f"{len(skipped)} of {total} images in {d.source!r} are unreadable, more than "
-                        f"data.max_bad_fraction={d.max_bad_fraction}; first: {skipped[0]}")
+        raise DataError(
+            f"{len(skipped)} of {total} images in {d.source!r} are unreadable, more than "
+            f"data.max_bad_fraction={d.max_bad_fraction}; first: {skipped[0]}"
+        )
     if sum(e["count"] for e in entries.values()) == 0:
         raise DataError(f"data.source={d.source!r}: no readable images ({len(skipped)} unreadable)")
     for s in skipped:
@@ -94,18 +105,33 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
 
     # 3. Shards + manifest.
     manifest = {
-        "format": prepared.FORMAT, "source": d.source, "description": source.description,
-        "classes": source.classes, "num_classes": len(source.classes), "stored_resolution": size,
-        "encoding": d.encoding, **({"jpeg_quality": d.jpeg_quality} if d.encoding == "jpeg" else {}),
-        "split_origin": origin, "splits": entries,
-        "skipped": {"count": len(skipped), "by_kind": dict(sorted(Counter(s["kind"] for s in skipped).items())),
-                    "quarantine": sources.QUARANTINE_DIR if skipped else None, "files": skipped},
+        "format": prepared.FORMAT,
+        "source": d.source,
+        "description": source.description,
+        "classes": source.classes,
+        "num_classes": len(source.classes),
+        "stored_resolution": size,
+        "encoding": d.encoding,
+        **({"jpeg_quality": d.jpeg_quality} if d.encoding == "jpeg" else {}),
+        "split_origin": origin,
+        "splits": entries,
+        "skipped": {
+            "count": len(skipped),
+            "by_kind": dict(sorted(Counter(s["kind"] for s in skipped).items())),
+            "quarantine": sources.QUARANTINE_DIR if skipped else None,
+            "files": skipped,
+        },
         "wall_s": clock(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    log.info("dataset: %s classes, train %d / val %d / test %d at %dpx, %d skipped (%.1fs)",
-             manifest["num_classes"], *(manifest["splits"][s]["count"] for s in prepared.SPLITS), size,
-             len(skipped), manifest["wall_s"])
+    log.info(
+        "dataset: %s classes, train %d / val %d / test %d at %dpx, %d skipped (%.1fs)",
+        manifest["num_classes"],
+        *(manifest["splits"][s]["count"] for s in prepared.SPLITS),
+        size,
+        len(skipped),
+        manifest["wall_s"],
+    )
     return manifest
 
 

@@ -12,6 +12,7 @@ ORT cannot quantize InstanceNormalization's shared scale/bias ("Quantization par
 not supported for weight yet") and has no integer kernel for it anyway, so for those models only
 Conv/Gemm/MatMul are quantized and the normalisation runs in float between Dequantize/Quantize.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,9 +24,9 @@ import numpy as np
 import torch
 
 from funmatch.data import prepared
-from funmatch.recipe.metrics import prec1
-from funmatch.recipe import augment
 from funmatch.errors import DataError, FunmatchError
+from funmatch.recipe import augment
+from funmatch.recipe.metrics import prec1
 
 log = logging.getLogger(__name__)
 INT8_FILE = "model.int8.onnx"
@@ -41,8 +42,10 @@ class QuantizationError(FunmatchError):
 
 # ---------------------------------------------------------------- calibration data
 
-def calibration_images(dataset_dir: str | Path, n: int, split: str = "train", seed: int = CALIBRATION_SEED
-                       ) -> np.ndarray:
+
+def calibration_images(
+    dataset_dir: str | Path, n: int, split: str = "train", seed: int = CALIBRATION_SEED
+) -> np.ndarray:
     """`n` images (N×S×S×3 uint8) drawn without replacement, seeded, from a split of the prepared dataset.
 
     Reads only the chosen images from memory-mapped shards, so it stays cheap on an ImageNet-sized
@@ -58,7 +61,7 @@ def calibration_images(dataset_dir: str | Path, n: int, split: str = "train", se
 def eval_batches(images_u8: np.ndarray, res: int, crop_pct: float, batch_size: int):
     """Float32 NCHW batches of `images_u8` through the eval preprocessing (augment.eval_view)."""
     for start in range(0, len(images_u8), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images_u8[start:start + batch_size]))
+        batch = torch.from_numpy(np.ascontiguousarray(images_u8[start : start + batch_size]))
         yield augment.eval_view(batch, res, crop_pct).numpy()
 
 
@@ -88,14 +91,16 @@ def _reader(input_name: str, batches: list[np.ndarray]):
 
 # ---------------------------------------------------------------- quantization
 
+
 def op_types_to_quantize(model) -> list[str] | None:
     """None (every op ORT has a QDQ rule for) unless the graph holds normalisation ops: then weights only."""
     ops = {n.op_type for n in model.graph.node}
     return list(WEIGHT_OPS) if ops & NORM_OPS else None
 
 
-def quantize(fp32_path: str | Path, int8_path: str | Path, calibration: list[np.ndarray],
-             input_name: str = "image") -> dict:
+def quantize(
+    fp32_path: str | Path, int8_path: str | Path, calibration: list[np.ndarray], input_name: str = "image"
+) -> dict:
     """Writes the INT8 QDQ model of `fp32_path` to `int8_path`, calibrated on `calibration` (float32
     NCHW batches, already preprocessed); returns what was done (op types, seconds, bytes)."""
     import onnx
@@ -110,19 +115,38 @@ def quantize(fp32_path: str | Path, int8_path: str | Path, calibration: list[np.
         quant_pre_process(str(fp32_path), str(pre))
         ops = op_types_to_quantize(onnx.load(str(pre), load_external_data=False))
         try:
-            quantize_static(str(pre), str(int8_path), _reader(input_name, calibration),
-                            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-                            activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
-                            op_types_to_quantize=ops)
+            quantize_static(
+                str(pre),
+                str(int8_path),
+                _reader(input_name, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                op_types_to_quantize=ops,
+            )
         except (ValueError, RuntimeError, KeyError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise QuantizationError(f"onnxruntime could not quantize {Path(fp32_path).name}: {first}") from e
-    info = {"format": "QDQ", "weights": "int8, symmetric, per channel", "activations": "uint8, asymmetric, per tensor",
-            "calibration_method": "minmax", "calibration_images": int(sum(len(b) for b in calibration)),
-            "op_types": ops or "all (onnxruntime default)", "seconds": round(time.perf_counter() - start, 3),
-            "bytes": Path(int8_path).stat().st_size}
-    log.info("quantized %s → %s (%d bytes, %.1fs, %d calibration images)", fp32_path, int8_path, info["bytes"],
-             info["seconds"], info["calibration_images"])
+    info = {
+        "format": "QDQ",
+        "weights": "int8, symmetric, per channel",
+        "activations": "uint8, asymmetric, per tensor",
+        "calibration_method": "minmax",
+        "calibration_images": int(sum(len(b) for b in calibration)),
+        "op_types": ops or "all (onnxruntime default)",
+        "seconds": round(time.perf_counter() - start, 3),
+        "bytes": Path(int8_path).stat().st_size,
+    }
+    log.info(
+        "quantized %s → %s (%d bytes, %.1fs, %d calibration images)",
+        fp32_path,
+        int8_path,
+        info["bytes"],
+        info["seconds"],
+        info["calibration_images"],
+    )
     return info
 
 
@@ -137,8 +161,11 @@ def describe(path: str | Path) -> dict:
     per_channel = per_tensor = 0
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits and \
-                inits[node.input[0]].data_type == onnx.TensorProto.INT8:  # a weight (activations are uint8)
+        if (
+            node.op_type == "DequantizeLinear"
+            and node.input[0] in inits
+            and inits[node.input[0]].data_type == onnx.TensorProto.INT8
+        ):  # a weight (activations are uint8)
             scale = numpy_helper.to_array(inits[node.input[1]])
             if scale.size > 1:
                 per_channel += 1
@@ -148,6 +175,7 @@ def describe(path: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------- running
+
 
 def session(path: str | Path, threads: int = 0):
     """A CPU onnxruntime session; `threads` > 0 fixes intra-op threads (one inter-op thread)."""
@@ -172,16 +200,26 @@ def int8_refusal(fp32_prec1: float, int8_prec1: float, max_drop: float) -> str:
     """'' when the INT8 model may be published, else the reason it may not."""
     drop = fp32_prec1 - int8_prec1
     if drop > max_drop + 1e-9:  # exactly max_drop is allowed (0.80 - 0.79 is 0.010000000000000009)
-        return (f"INT8 test prec@1 {int8_prec1:.4f} is {drop * 100:.2f} points below fp32 {fp32_prec1:.4f} "
-                f"(onnxruntime), more than export.max_int8_drop={max_drop}")
+        return (
+            f"INT8 test prec@1 {int8_prec1:.4f} is {drop * 100:.2f} points below fp32 {fp32_prec1:.4f} "
+            f"(onnxruntime), more than export.max_int8_drop={max_drop}"
+        )
     return ""
 
 
 # ---------------------------------------------------------------- the export option
 
-def export_int8(cfg, dataset_dir: str | Path, out_dir: str | Path, test_images: np.ndarray,
-                test_labels: np.ndarray, res: int, crop_pct: float, input_name: str = "image"
-                ) -> tuple[dict, dict | None]:
+
+def export_int8(
+    cfg,
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    res: int,
+    crop_pct: float,
+    input_name: str = "image",
+) -> tuple[dict, dict | None]:
     """Quantizes `out_dir`/model.onnx, measures fp32 and INT8 test prec@1 with onnxruntime and writes
     model.int8.onnx into `out_dir` only when it loses at most `export.max_int8_drop`.
 
@@ -200,16 +238,24 @@ def export_int8(cfg, dataset_dir: str | Path, out_dir: str | Path, test_images: 
         threads = cfg.runtime.num_threads
         fp32 = ort_logits(session(out / "model.onnx", threads), test_images, res, crop_pct, cfg.eval.batch_size)
         int8 = ort_logits(session(candidate, threads), test_images, res, crop_pct, cfg.eval.batch_size)
-        metrics: dict = {"export/int8_bytes": info["bytes"], "export/int8/quantize_s": info["seconds"],
-                         "export/int8/calibration_images": info["calibration_images"]}
+        metrics: dict = {
+            "export/int8_bytes": info["bytes"],
+            "export/int8/quantize_s": info["seconds"],
+            "export/int8/calibration_images": info["calibration_images"],
+        }
         if len(test_labels) == 0:
             metrics["export/int8_refused"] = "the dataset has no test images to check the INT8 model on"
             log.warning("INT8 model not published: %s", metrics["export/int8_refused"])
             return metrics, None
         p_fp32 = prec1(fp32, test_labels)
         p_int8 = prec1(int8, test_labels)
-        metrics.update({"export/fp32/test/prec@1": p_fp32, "export/int8/test/prec@1": p_int8,
-                        "export/int8/test/agree@1": prec1(fp32, int8.argmax(1))})
+        metrics.update(
+            {
+                "export/fp32/test/prec@1": p_fp32,
+                "export/int8/test/prec@1": p_int8,
+                "export/int8/test/agree@1": prec1(fp32, int8.argmax(1)),
+            }
+        )
         reason = int8_refusal(p_fp32, p_int8, ex.max_int8_drop)
         if reason:
             metrics["export/int8_refused"] = reason
@@ -217,11 +263,22 @@ def export_int8(cfg, dataset_dir: str | Path, out_dir: str | Path, test_images: 
             return metrics, None
         (out / INT8_FILE).write_bytes(candidate.read_bytes())
     log.info("INT8 model %s: test prec@1 %.4f (fp32 %.4f), %d bytes", out / INT8_FILE, p_int8, p_fp32, info["bytes"])
-    card = {"file": INT8_FILE, "format": "ONNX QDQ (QuantizeLinear/DequantizeLinear around integer-ready ops)",
-            "input_output": "as model.onnx (float32 image in, float32 logits out)",
-            "weights": info["weights"], "activations": info["activations"], "op_types": info["op_types"],
-            "calibration": {"split": "train", "images": info["calibration_images"], "method": info["calibration_method"],
-                            "preprocessing": "as `preprocessing` (eval view)"},
-            "test_prec@1": p_int8, "fp32_test_prec@1": p_fp32, "max_int8_drop": ex.max_int8_drop,
-            "bytes": info["bytes"]}
+    card = {
+        "file": INT8_FILE,
+        "format": "ONNX QDQ (QuantizeLinear/DequantizeLinear around integer-ready ops)",
+        "input_output": "as model.onnx (float32 image in, float32 logits out)",
+        "weights": info["weights"],
+        "activations": info["activations"],
+        "op_types": info["op_types"],
+        "calibration": {
+            "split": "train",
+            "images": info["calibration_images"],
+            "method": info["calibration_method"],
+            "preprocessing": "as `preprocessing` (eval view)",
+        },
+        "test_prec@1": p_int8,
+        "fp32_test_prec@1": p_fp32,
+        "max_int8_drop": ex.max_int8_drop,
+        "bytes": info["bytes"],
+    }
     return metrics, card

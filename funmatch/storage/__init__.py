@@ -36,6 +36,7 @@ require; see funmatch/storage/publish.py.
 G>0 replaces only that generation; a lost race raises `PreconditionFailed`. `read_with_generation`
 returns the generation to pass. Locally only G=0 (create-only, via an atomic hard link) exists.
 """
+
 from __future__ import annotations
 
 import base64
@@ -46,8 +47,8 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from funmatch.errors import DataError
 
@@ -135,9 +136,14 @@ def retry_policy():  # -> google.api_core.retry.Retry
     from google.api_core.retry import Retry
     from google.cloud.storage.retry import DEFAULT_RETRY
 
-    return Retry(predicate=DEFAULT_RETRY._predicate, initial=_env_seconds("FUNMATCH_GCS_BACKOFF_S", 1.0),
-                 maximum=_env_seconds("FUNMATCH_GCS_MAX_BACKOFF_S", 32.0), multiplier=2.0,
-                 timeout=deadline_s(), on_error=_log_retry)
+    return Retry(
+        predicate=DEFAULT_RETRY._predicate,
+        initial=_env_seconds("FUNMATCH_GCS_BACKOFF_S", 1.0),
+        maximum=_env_seconds("FUNMATCH_GCS_MAX_BACKOFF_S", 32.0),
+        multiplier=2.0,
+        timeout=deadline_s(),
+        on_error=_log_retry,
+    )
 
 
 _clients = threading.local()  # storage.Client is not documented as thread-safe: one per thread
@@ -154,8 +160,9 @@ def gcs_client():  # -> google.cloud.storage.Client
         if emulator:
             from google.auth.credentials import AnonymousCredentials
 
-            client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"),
-                                    credentials=AnonymousCredentials())
+            client = storage.Client(
+                project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"), credentials=AnonymousCredentials()
+            )
         else:
             client = storage.Client()
         _clients.by_key = cached = {key: client}  # one live client per thread
@@ -177,10 +184,9 @@ def _short(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _gcs_errors(uri: str, action: str):
     """Turns what google-cloud-storage raises after its retries into one-line StorageErrors."""
+    import requests
     from google.api_core import exceptions as gexc
     from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
-
-    import requests
 
     try:
         yield
@@ -189,25 +195,27 @@ def _gcs_errors(uri: str, action: str):
     except gexc.NotFound as e:
         raise ObjectNotFound(f"{uri} does not exist ({action})") from e
     except gexc.PreconditionFailed as e:
-        raise PreconditionFailed(f"{uri} changed while we were writing it (generation precondition failed, "
-                                 f"412)") from e
+        raise PreconditionFailed(f"{uri} changed while we were writing it (generation precondition failed, 412)") from e
     except (gexc.Forbidden, gexc.Unauthorized) as e:
-        raise StorageError(f"{uri}: permission denied to {action} ({_short(e)}); check the credentials' "
-                           "roles on the bucket") from e
+        raise StorageError(
+            f"{uri}: permission denied to {action} ({_short(e)}); check the credentials' roles on the bucket"
+        ) from e
     except DataCorruption as e:
         raise IntegrityError(f"{uri}: checksum mismatch while trying to {action} ({_short(e)})") from e
     except gexc.RetryError as e:
         cause = e.cause if getattr(e, "cause", None) is not None else e
-        raise StorageError(f"{uri}: GCS kept failing for FUNMATCH_GCS_DEADLINE_S={deadline_s():g}s while trying "
-                           f"to {action} (last: {_short(cause)})") from e
+        raise StorageError(
+            f"{uri}: GCS kept failing for FUNMATCH_GCS_DEADLINE_S={deadline_s():g}s while trying "
+            f"to {action} (last: {_short(cause)})"
+        ) from e
     except (gexc.GoogleAPICallError, InvalidResponse) as e:
         raise StorageError(f"{uri}: could not {action} ({_short(e)})") from e
     except (requests.RequestException, ConnectionError, TimeoutError) as e:  # after the retries gave up
-        raise StorageError(f"{uri}: could not {action} ({_short(e)}; retried for up to "
-                           f"{deadline_s():g}s)") from e
+        raise StorageError(f"{uri}: could not {action} ({_short(e)}; retried for up to {deadline_s():g}s)") from e
 
 
 # ---------------------------------------------------------------- checksums
+
 
 def sha256_file(path: str | Path) -> str:
     """sha256 (hex) of a local file, read in blocks."""
@@ -230,16 +238,23 @@ def file_hashes(path: str | Path) -> dict[str, str | int]:
             md5.update(block)
             crc.update(block)
             size += len(block)
-    return {"sha256": sha.hexdigest(), "md5": base64.b64encode(md5.digest()).decode(),
-            "crc32c": base64.b64encode(crc.digest()).decode(), "size": size}
+    return {
+        "sha256": sha.hexdigest(),
+        "md5": base64.b64encode(md5.digest()).decode(),
+        "crc32c": base64.b64encode(crc.digest()).decode(),
+        "size": size,
+    }
 
 
 def _bytes_hashes(data: bytes) -> dict[str, str | int]:
     import google_crc32c
 
-    return {"sha256": hashlib.sha256(data).hexdigest(),
-            "md5": base64.b64encode(hashlib.md5(data).digest()).decode(),
-            "crc32c": base64.b64encode(google_crc32c.Checksum(data).digest()).decode(), "size": len(data)}
+    return {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "md5": base64.b64encode(hashlib.md5(data).digest()).decode(),
+        "crc32c": base64.b64encode(google_crc32c.Checksum(data).digest()).decode(),
+        "size": len(data),
+    }
 
 
 def _server_matches(blob, local: dict) -> bool:
@@ -248,9 +263,11 @@ def _server_matches(blob, local: dict) -> bool:
         blob.reload(retry=retry_policy(), timeout=_timeout())
     if blob.crc32c is None and blob.md5_hash is None:
         raise StorageError(f"gs://{blob.bucket.name}/{blob.name}: the server reported no checksum to verify against")
-    return ((blob.crc32c is None or blob.crc32c == local["crc32c"])
-            and (blob.md5_hash is None or blob.md5_hash == local["md5"])
-            and (blob.size is None or int(blob.size) == local["size"]))
+    return (
+        (blob.crc32c is None or blob.crc32c == local["crc32c"])
+        and (blob.md5_hash is None or blob.md5_hash == local["md5"])
+        and (blob.size is None or int(blob.size) == local["size"])
+    )
 
 
 def _verify_upload(blob, uri: str, local: dict) -> None:
@@ -259,8 +276,10 @@ def _verify_upload(blob, uri: str, local: dict) -> None:
     got = f"crc32c {blob.crc32c}, md5 {blob.md5_hash}, {blob.size} bytes"
     with contextlib.suppress(Exception):  # the object must not stay under its final name
         blob.delete(if_generation_match=blob.generation, retry=retry_policy(), timeout=_timeout())
-    raise IntegrityError(f"{uri}: GCS stored {got}; expected crc32c {local['crc32c']}, md5 {local['md5']}, "
-                         f"{local['size']} bytes (upload deleted)")
+    raise IntegrityError(
+        f"{uri}: GCS stored {got}; expected crc32c {local['crc32c']}, md5 {local['md5']}, "
+        f"{local['size']} bytes (upload deleted)"
+    )
 
 
 def _same_object_exists(uri: str, local: dict) -> int | None:
@@ -274,8 +293,13 @@ def _same_object_exists(uri: str, local: dict) -> int | None:
 
 
 def _content_type(uri: str) -> str:
-    return "application/json" if uri.endswith(".json") else "text/plain" if uri.endswith("SUMS") \
+    return (
+        "application/json"
+        if uri.endswith(".json")
+        else "text/plain"
+        if uri.endswith("SUMS")
         else "application/octet-stream"
+    )
 
 
 # ---------------------------------------------------------------- reading
@@ -289,8 +313,12 @@ def exists(uri: str) -> bool:
             if path and client.bucket(bucket).blob(path).exists(retry=retry_policy(), timeout=_timeout()):
                 return True
             prefix = path.rstrip("/") + "/" if path else ""
-            return any(True for _ in client.list_blobs(bucket, prefix=prefix, max_results=1, retry=retry_policy(),
-                                                       timeout=_timeout()))
+            return any(
+                True
+                for _ in client.list_blobs(
+                    bucket, prefix=prefix, max_results=1, retry=retry_policy(), timeout=_timeout()
+                )
+            )
     return Path(uri).exists()
 
 
@@ -300,9 +328,11 @@ def list_files(uri: str) -> Iterator[str]:
         bucket, prefix = split_gcs(uri)
         prefix = prefix.rstrip("/") + "/" if prefix else ""
         with _gcs_errors(uri, "list objects"):
-            names = sorted(b.name for b in gcs_client().list_blobs(bucket, prefix=prefix, retry=retry_policy(),
-                                                                   timeout=_timeout())
-                           if not b.name.endswith("/"))
+            names = sorted(
+                b.name
+                for b in gcs_client().list_blobs(bucket, prefix=prefix, retry=retry_policy(), timeout=_timeout())
+                if not b.name.endswith("/")
+            )
         yield from (f"gs://{bucket}/{n}" for n in names)
         return
     for root, dirs, files in os.walk(uri, followlinks=False):
@@ -317,11 +347,12 @@ def list_dirs(uri: str) -> list[str]:
         bucket, prefix = split_gcs(uri)
         prefix = prefix.rstrip("/") + "/" if prefix else ""
         with _gcs_errors(uri, "list prefixes"):
-            pages = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/", retry=retry_policy(),
-                                            timeout=_timeout())
+            pages = gcs_client().list_blobs(
+                bucket, prefix=prefix, delimiter="/", retry=retry_policy(), timeout=_timeout()
+            )
             for _ in pages:  # prefixes are filled in while iterating
                 pass
-            return sorted(p[len(prefix):].rstrip("/") for p in pages.prefixes)
+            return sorted(p[len(prefix) :].rstrip("/") for p in pages.prefixes)
     p = Path(uri)
     return sorted(d.name for d in p.iterdir() if d.is_dir()) if p.is_dir() else []
 
@@ -386,8 +417,10 @@ def _local_write(target: Path, fill, if_generation_match: int | None) -> None:
     """Atomic local write: `fill(file)` into a temp file, fsync, then rename (or hard-link for create-only),
     then fsync the directory."""
     if if_generation_match not in (None, 0):
-        raise StorageError(f"if_generation_match={if_generation_match} on local path {target}: only 0 "
-                           "(create if absent) works outside gs://")
+        raise StorageError(
+            f"if_generation_match={if_generation_match} on local path {target}: only 0 "
+            "(create if absent) works outside gs://"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
@@ -430,8 +463,14 @@ def write_bytes(uri: str, data: bytes, *, if_generation_match: int | None = None
     blob = _blob(uri)
     try:
         with _gcs_errors(uri, "write"):
-            blob.upload_from_string(data, content_type=_content_type(uri), if_generation_match=if_generation_match,
-                                    checksum="crc32c", retry=retry_policy(), timeout=_timeout())
+            blob.upload_from_string(
+                data,
+                content_type=_content_type(uri),
+                if_generation_match=if_generation_match,
+                checksum="crc32c",
+                retry=retry_policy(),
+                timeout=_timeout(),
+            )
     except PreconditionFailed:
         if if_generation_match == 0 and (gen := _same_object_exists(uri, local)) is not None:
             return gen  # our own earlier attempt landed, its response was lost, the retry hit the precondition
@@ -440,13 +479,15 @@ def write_bytes(uri: str, data: bytes, *, if_generation_match: int | None = None
     return int(blob.generation)
 
 
-def upload_file(path: str | Path, uri: str, *, if_generation_match: int | None = None,
-                hashes: dict | None = None) -> int | None:
+def upload_file(
+    path: str | Path, uri: str, *, if_generation_match: int | None = None, hashes: dict | None = None
+) -> int | None:
     """Copies a local file to `uri`; over 8 MiB as a chunked resumable upload. Verified by checksum.
 
     `hashes` (from `file_hashes`) saves re-reading a file whose hashes the caller already has.
     """
     if not is_gcs(uri):
+
         def fill(f):
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, f, _READ_BLOCK)
@@ -458,10 +499,15 @@ def upload_file(path: str | Path, uri: str, *, if_generation_match: int | None =
     blob = _blob(uri, chunk_size=_chunk_size() if resumable else None)
     try:
         with _gcs_errors(uri, "upload"):
-            blob.upload_from_filename(str(path), content_type=_content_type(uri),
-                                      if_generation_match=if_generation_match, checksum="crc32c",
-                                      crc32c_checksum_value=local["crc32c"] if resumable else None,
-                                      retry=retry_policy(), timeout=_timeout())
+            blob.upload_from_filename(
+                str(path),
+                content_type=_content_type(uri),
+                if_generation_match=if_generation_match,
+                checksum="crc32c",
+                crc32c_checksum_value=local["crc32c"] if resumable else None,
+                retry=retry_policy(),
+                timeout=_timeout(),
+            )
     except PreconditionFailed:
         if if_generation_match == 0 and (gen := _same_object_exists(uri, local)) is not None:
             return gen

@@ -6,6 +6,7 @@ hyperparameters and the tensors' sha256. The JSON is written last, so a checkpoi
 whose checksum does not match) is incomplete and skipped with a warning. The frozen teacher is
 never saved. Works on a local directory or a gs:// prefix.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,13 +39,14 @@ class Loaded:
 
 def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     np_state = np.random.get_state()
-    tensors = {"rng/torch_cpu": torch.get_rng_state(),
-               "rng/numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    tensors = {"rng/torch_cpu": torch.get_rng_state(), "rng/numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda{i}"] = s
-    meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    meta = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
     return tensors, meta
 
 
@@ -85,8 +87,15 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], scalars: list, groups: li
 class CheckpointManager:
     """Saves every `every_steps` steps or `every_minutes`, whichever comes first; keeps the last `keep`."""
 
-    def __init__(self, directory: str, config_hash: str, keep: int = 3, every_steps: int = 1000,
-                 every_minutes: float = 10.0, allow_config_change: bool = False):
+    def __init__(
+        self,
+        directory: str,
+        config_hash: str,
+        keep: int = 3,
+        every_steps: int = 1000,
+        every_minutes: float = 10.0,
+        allow_config_change: bool = False,
+    ):
         self.directory = directory.rstrip("/")
         self.config_hash = config_hash
         self.keep, self.every_steps, self.every_seconds = keep, every_steps, every_minutes * 60
@@ -113,22 +122,30 @@ class CheckpointManager:
     def due(self, step: int) -> bool:
         return step % self.every_steps == 0 or time.monotonic() - self._last_save >= self.every_seconds
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             extra: dict[str, Any] | None = None) -> None:
+    def save(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any] | None = None
+    ) -> None:
         from safetensors.torch import save
 
         rng, rng_meta = _rng_tensors()
         opt_tensors, opt_scalars, groups = _optimizer_tensors(optimizer)
         tensors = {f"model/{k}": v for k, v in model.state_dict().items()} | opt_tensors | rng
         blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-        meta = {"step": step, "config_hash": self.config_hash, "sha256": hashlib.sha256(blob).hexdigest(),
-                "bytes": len(blob), "optimizer": {"param_groups": groups, "scalars": opt_scalars},
-                "rng": rng_meta, "time": time.time(), "extra": extra or {}}
+        meta = {
+            "step": step,
+            "config_hash": self.config_hash,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "bytes": len(blob),
+            "optimizer": {"param_groups": groups, "scalars": opt_scalars},
+            "rng": rng_meta,
+            "time": time.time(),
+            "extra": extra or {},
+        }
         storage.write_bytes(self._path(step, "safetensors"), blob)
         storage.write_bytes(self._path(step, "json"), json.dumps(meta).encode())  # commit point
         self._move_latest(step)
         self._last_save = time.monotonic()
-        for old in self.steps()[self.keep:]:
+        for old in self.steps()[self.keep :]:
             for ext in ("json", "safetensors"):
                 storage.delete(self._path(old, ext))
 
@@ -144,8 +161,11 @@ class CheckpointManager:
             except (FileNotFoundError, ValueError, KeyError):
                 generation = 0
             try:
-                storage.write_bytes(uri, json.dumps({"step": step}).encode(),
-                                    if_generation_match=generation if storage.is_gcs(uri) else None)
+                storage.write_bytes(
+                    uri,
+                    json.dumps({"step": step}).encode(),
+                    if_generation_match=generation if storage.is_gcs(uri) else None,
+                )
                 return
             except storage.PreconditionFailed:
                 continue  # another writer moved it: re-read and decide again
@@ -182,7 +202,8 @@ class CheckpointManager:
                 raise CheckpointError(
                     f"{self._path(step, 'json')} was made with config {meta['config_hash']}, this run has "
                     f"{self.config_hash}; use another checkpoint directory, or set "
-                    "runtime.allow_config_change=true to resume anyway")
+                    "runtime.allow_config_change=true to resume anyway"
+                )
             try:  # never unpickled: anything but safetensors (a pickle under this name too) fails here
                 tensors = load(blob)
             except Exception as e:  # SafetensorError, on any bytes that are not a safetensors file

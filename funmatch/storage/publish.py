@@ -28,6 +28,7 @@ SHA256SUMS against the digest it records), downloads every file SHA256SUMS lists
 directory next to DIR, verifies each sha256, and only then moves them into DIR: a mismatch leaves
 DIR untouched and is refused with one line (exit 2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,12 +80,12 @@ def provenance(dataset_dir: str | Path) -> dict:
     return {
         "dataset": {"manifest_sha256": storage.sha256_file(manifest) if manifest.is_file() else None},
         "git_commit": os.environ.get("FUNMATCH_GIT_COMMIT") or None,
-        "created": _iso(dt.datetime.now(dt.timezone.utc)),
+        "created": _iso(dt.datetime.now(dt.UTC)),
     }
 
 
 def _iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def registry_base(uri: str) -> str | None:
@@ -95,18 +96,20 @@ def registry_base(uri: str) -> str | None:
 
 def version_name(card: dict, created: dt.datetime) -> str:
     package = re.sub(r"[^A-Za-z0-9._-]", "_", str(card.get("package", {}).get("version") or __version__))
-    return f"{package}-{card['config_hash']}-{created.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}"
+    return f"{package}-{card['config_hash']}-{created.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}"
 
 
 def _read_bundle(bundle_dir: str | Path, files: tuple[str, ...]) -> dict:
     bundle = Path(bundle_dir)
     for name in files:
         if not SUMS_NAME.match(name) or name in (SUMS, LATEST):
-            raise PublishError(f"cannot publish a file named {name!r}; expected plain file names other than "
-                               f"{SUMS} and {LATEST}")
+            raise PublishError(
+                f"cannot publish a file named {name!r}; expected plain file names other than {SUMS} and {LATEST}"
+            )
         if not (bundle / name).is_file():
-            raise PublishError(f"{bundle / name} is missing; expected the export stage's output "
-                               f"({', '.join(files)}) in {bundle}")
+            raise PublishError(
+                f"{bundle / name} is missing; expected the export stage's output ({', '.join(files)}) in {bundle}"
+            )
     try:
         card = json.loads((bundle / "model.json").read_text())
     except ValueError as e:
@@ -116,8 +119,13 @@ def _read_bundle(bundle_dir: str | Path, files: tuple[str, ...]) -> dict:
     return card
 
 
-def publish(bundle_dir: str | Path, uri: str, *, files: tuple[str, ...] | list[str] = BUNDLE_FILES,
-            created: dt.datetime | None = None) -> Publication:
+def publish(
+    bundle_dir: str | Path,
+    uri: str,
+    *,
+    files: tuple[str, ...] | list[str] = BUNDLE_FILES,
+    created: dt.datetime | None = None,
+) -> Publication:
     """Publishes `files` of the bundle (model.onnx, model.json and metrics.json at least; SHA256SUMS lists
     them in this order) to `uri`, registry or flat layout (see the module docstring)."""
     files = tuple(files)
@@ -128,7 +136,7 @@ def publish(bundle_dir: str | Path, uri: str, *, files: tuple[str, ...] | list[s
     base = registry_base(uri)
     if base is None:
         return _publish_flat(Path(bundle_dir), uri, files)
-    return _publish_version(Path(bundle_dir), base, card, files, created or dt.datetime.now(dt.timezone.utc))
+    return _publish_version(Path(bundle_dir), base, card, files, created or dt.datetime.now(dt.UTC))
 
 
 def _sums_text(digests: dict[str, str]) -> bytes:
@@ -145,8 +153,7 @@ def _publish_flat(bundle: Path, uri: str, files: tuple[str, ...]) -> Publication
     return Publication(uri=uri)
 
 
-def _publish_version(bundle: Path, base: str, card: dict, files: tuple[str, ...],
-                     created: dt.datetime) -> Publication:
+def _publish_version(bundle: Path, base: str, card: dict, files: tuple[str, ...], created: dt.datetime) -> Publication:
     version = version_name(card, created)
     prefix = storage.join(base, version)
     card = card | {"version": version, "published": {"uri": prefix + "/", "time": _iso(created)}}
@@ -164,15 +171,28 @@ def _publish_version(bundle: Path, base: str, card: dict, files: tuple[str, ...]
         sums = _sums_text(digests)
         storage.write_bytes(storage.join(prefix, SUMS), sums, if_generation_match=0)  # the version is complete
     except storage.PreconditionFailed as e:
-        raise PublishError(f"version {version} already exists under {base} with other content; versions are "
-                           "immutable, publish again for a new one") from e
-    entry = {"format": LATEST_FORMAT, "model": base.rsplit("/", 1)[1], "version": version,
-             "uri": prefix + "/", "created": _iso(created), "sha256sums": hashlib.sha256(sums).hexdigest(),
-             "config_hash": card["config_hash"], "package_version": card.get("package", {}).get("version"),
-             "git_commit": card.get("git_commit")}
+        raise PublishError(
+            f"version {version} already exists under {base} with other content; versions are "
+            "immutable, publish again for a new one"
+        ) from e
+    entry = {
+        "format": LATEST_FORMAT,
+        "model": base.rsplit("/", 1)[1],
+        "version": version,
+        "uri": prefix + "/",
+        "created": _iso(created),
+        "sha256sums": hashlib.sha256(sums).hexdigest(),
+        "config_hash": card["config_hash"],
+        "package_version": card.get("package", {}).get("version"),
+        "git_commit": card.get("git_commit"),
+    }
     moved = move_latest(base, entry)
-    log.info("published %s (%s); latest.json %s", prefix, ", ".join(files),
-             "now points to it" if moved else "stays on a newer version")
+    log.info(
+        "published %s (%s); latest.json %s",
+        prefix,
+        ", ".join(files),
+        "now points to it" if moved else "stays on a newer version",
+    )
     return Publication(uri=prefix + "/", version=version, latest_moved=moved)
 
 
@@ -214,8 +234,10 @@ def move_latest(base: str, entry: dict) -> bool:
         except storage.PreconditionFailed:
             log.info("%s changed under us (attempt %d); re-reading it", uri, attempt + 1)
             time.sleep(random.uniform(0, 0.02 * 2 ** min(attempt, 6)))
-    raise PublishError(f"{uri} kept changing for {POINTER_ATTEMPTS} attempts; expected it to settle "
-                       f"(is something rewriting it in a loop?)")
+    raise PublishError(
+        f"{uri} kept changing for {POINTER_ATTEMPTS} attempts; expected it to settle "
+        f"(is something rewriting it in a loop?)"
+    )
 
 
 # ---------------------------------------------------------------- pull
@@ -225,8 +247,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """'gs://b/models/m@v' → ('gs://b/models/m', 'v'); no '@' or '@latest' → 'latest'."""
     m = PULL_SPEC.match(spec)
     if not m:
-        raise PublishError(f"{spec!r} is not a published model; expected gs://BUCKET/models/NAME, optionally "
-                           "followed by @VERSION or @latest")
+        raise PublishError(
+            f"{spec!r} is not a published model; expected gs://BUCKET/models/NAME, optionally "
+            "followed by @VERSION or @latest"
+        )
     return m.group(1), m.group(2) or "latest"
 
 
@@ -269,13 +293,15 @@ def pull(spec: str, dest: str | Path) -> dict:
         sums = storage.read_bytes(sums_uri)
     except storage.ObjectNotFound:
         if storage.exists(prefix):
-            raise PublishError(f"{prefix} is not a complete publication (no {SUMS}): its upload was interrupted "
-                               "or is still running") from None
+            raise PublishError(
+                f"{prefix} is not a complete publication (no {SUMS}): its upload was interrupted or is still running"
+            ) from None
         raise PublishError(f"no version {version!r} under {base}{_versions_hint(base)}") from None
     got = hashlib.sha256(sums).hexdigest()
     if expected_sums and got != expected_sums:
-        raise storage.IntegrityError(f"{sums_uri}: sha256 {got} does not match {LATEST}'s sha256sums "
-                                     f"{expected_sums}; refusing the download")
+        raise storage.IntegrityError(
+            f"{sums_uri}: sha256 {got} does not match {LATEST}'s sha256sums {expected_sums}; refusing the download"
+        )
     entries = parse_sums(sums, sums_uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.pull-"))
@@ -283,8 +309,9 @@ def pull(spec: str, dest: str | Path) -> dict:
         for want, name in entries:
             local = storage.download_file(storage.join(prefix, name), tmp / name)
             if (have := storage.sha256_file(local)) != want:
-                raise storage.IntegrityError(f"{storage.join(prefix, name)}: sha256 {have} does not match "
-                                             f"{SUMS} ({want}); refusing the download")
+                raise storage.IntegrityError(
+                    f"{storage.join(prefix, name)}: sha256 {have} does not match {SUMS} ({want}); refusing the download"
+                )
         (tmp / SUMS).write_bytes(sums)
         try:
             card = json.loads((tmp / "model.json").read_text())
@@ -302,17 +329,22 @@ def pull(spec: str, dest: str | Path) -> dict:
 def summary_lines(pulled: dict) -> list[str]:
     card = pulled["card"]
     student, inp = card.get("student", {}), card.get("input", {})
-    lines = [f"funmatch: pulled {pulled['uri']} into {pulled['dest']} ({len(pulled['files'])} files, sha256 verified)",
-             f"  version {pulled['version']} | {student.get('arch', '?')} student, {len(card.get('classes', []))} "
-             f"classes, input {inp.get('name', '?')} {inp.get('shape', '?')} {inp.get('dtype', '')}"]
+    lines = [
+        f"funmatch: pulled {pulled['uri']} into {pulled['dest']} ({len(pulled['files'])} files, sha256 verified)",
+        f"  version {pulled['version']} | {student.get('arch', '?')} student, {len(card.get('classes', []))} "
+        f"classes, input {inp.get('name', '?')} {inp.get('shape', '?')} {inp.get('dtype', '')}",
+    ]
     metrics = card.get("metrics", {})
     if metrics:
-        lines.append("  " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in metrics.items()))
+        lines.append(
+            "  " + " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        )
     dataset = (card.get("dataset") or {}).get("manifest_sha256")
-    lines.append(f"  preset {card.get('preset', '?')} | config {card.get('config_hash', '?')} | funmatch "
-                 f"{card.get('package', {}).get('version', '?')} | git {card.get('git_commit') or 'unknown'} | "
-                 f"dataset {dataset[:12] if dataset else 'unknown'} | created {card.get('created', '?')}")
+    lines.append(
+        f"  preset {card.get('preset', '?')} | config {card.get('config_hash', '?')} | funmatch "
+        f"{card.get('package', {}).get('version', '?')} | git {card.get('git_commit') or 'unknown'} | "
+        f"dataset {dataset[:12] if dataset else 'unknown'} | created {card.get('created', '?')}"
+    )
     return lines
 
 

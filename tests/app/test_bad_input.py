@@ -1,27 +1,28 @@
 """Bad images and hostile source trees: each is refused with its kind, or decoded correctly, and a
 corrupt file is quarantined (bytes unchanged) while the run goes on."""
+
 import io
 import json
 import os
+import struct
 import tarfile
 import threading
 import time
 import zipfile
 import zlib
-import struct
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from funmatch import config
-from funmatch.data import prepared, sources
-from funmatch.stages import prepare
 from funmatch.config import DataConfig
+from funmatch.data import prepared, sources
 from funmatch.errors import DataError
-
+from funmatch.stages import prepare
 
 # ---------------------------------------------------------------- builders
+
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
@@ -40,6 +41,7 @@ def truncated_jpeg() -> bytes:
 
 def png_bomb(side=30_000) -> bytes:
     """A 1-bit PNG of side² pixels (9·10⁸ for 30k: ten times Pillow's default limit) in ~100 kB."""
+
     def chunk(tag: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
@@ -61,9 +63,15 @@ def upright_pattern(side=32) -> np.ndarray:
 
 # EXIF orientation -> the transform that turns the upright picture into the stored pixels
 # (the inverse of what a viewer applies to display it)
-STORED = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-          8: Image.Transpose.ROTATE_270}
+STORED = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
 
 
 def exif_rotated_jpeg(orientation: int) -> bytes:
@@ -100,12 +108,16 @@ GOOD_IMAGE = lambda seed: _bytes(_noise(seed=seed), "PNG")  # noqa: E731
 
 # ---------------------------------------------------------------- refused, with the exact kind
 
-@pytest.mark.parametrize("blob, kind, words", [
-    (truncated_jpeg(), "truncated", "truncated"),
-    (b"", "empty", "0 bytes"),
-    (b"name,label\ncat.jpg,3\n", "not_an_image", "cannot identify image"),  # a text file named .jpg
-    (png_bomb(), "too_many_pixels", "max_image_pixels"),
-])
+
+@pytest.mark.parametrize(
+    "blob, kind, words",
+    [
+        (truncated_jpeg(), "truncated", "truncated"),
+        (b"", "empty", "0 bytes"),
+        (b"name,label\ncat.jpg,3\n", "not_an_image", "cannot identify image"),  # a text file named .jpg
+        (png_bomb(), "too_many_pixels", "max_image_pixels"),
+    ],
+)
 def test_unusable_files_are_refused_with_their_kind(blob, kind, words):
     start = time.perf_counter()
     with pytest.raises(sources.BadImage, match=words) as e:
@@ -123,6 +135,7 @@ def test_bomb_limit_is_the_configured_one():
 
 # ---------------------------------------------------------------- decoded, correctly
 
+
 def test_cmyk_jpeg_comes_out_in_the_right_colours():
     out = sources.decode_image(cmyk_jpeg(), 32, 10**7).astype(int)
     assert np.abs(out[16, 4] - (255, 0, 0)).max() < 24  # not inverted, not channel-swapped
@@ -133,7 +146,7 @@ def test_cmyk_jpeg_comes_out_in_the_right_colours():
 def test_exif_rotated_photo_comes_out_upright(orientation):
     blob = exif_rotated_jpeg(orientation)
     out = sources.decode_image(blob, 32, 10**7).astype(int)
-    quad = lambda y, x: out[y:y + 16, x:x + 16].reshape(-1, 3).mean(0)  # noqa: E731
+    quad = lambda y, x: out[y : y + 16, x : x + 16].reshape(-1, 3).mean(0)  # noqa: E731
     assert np.abs(quad(0, 0) - (255, 0, 0)).max() < 30  # red top-left
     assert np.abs(quad(0, 16) - (255, 255, 255)).max() < 30  # white top-right
     assert quad(16, 0).max() < 30 and quad(16, 16).max() < 30  # black bottom half
@@ -172,8 +185,13 @@ BAD_FILES = {  # name in class 'cat' -> (bytes, kind)
     "labels.jpg": (b"name,label\ncat.jpg,3\n", "not_an_image"),
     "nested/bomb.png": (png_bomb(), "too_many_pixels"),
 }
-ODD_BUT_GOOD = {"cmyk.jpg": cmyk_jpeg(), "exif6.jpg": exif_rotated_jpeg(6), "deep.png": png16(),
-                "palette.png": palette_png_with_transparency(), "dot.png": one_pixel()}
+ODD_BUT_GOOD = {
+    "cmyk.jpg": cmyk_jpeg(),
+    "exif6.jpg": exif_rotated_jpeg(6),
+    "deep.png": png16(),
+    "palette.png": palette_png_with_transparency(),
+    "dot.png": one_pixel(),
+}
 
 
 def make_tree(root, good_per_class=8, bad=True):
@@ -203,16 +221,18 @@ def test_corrupt_files_are_quarantined_and_the_run_goes_on(tmp_path):
     skipped = manifest["skipped"]
     assert skipped["count"] == 4
     assert skipped["by_kind"] == {"empty": 1, "not_an_image": 1, "too_many_pixels": 1, "truncated": 1}
-    by_name = {e["path"][len(str(root)) + 1:]: e for e in skipped["files"]}
+    by_name = {e["path"][len(str(root)) + 1 :]: e for e in skipped["files"]}
     assert set(by_name) == {f"cat/{n}" for n in BAD_FILES}
     for name, (blob, kind) in BAD_FILES.items():
         entry = by_name[f"cat/{name}"]
         assert entry["kind"] == kind and entry["quarantine"] == f"quarantine/cat/{name}"
         assert (tmp_path / "out" / entry["quarantine"]).read_bytes() == blob  # bytes unchanged
         assert entry["bytes"] == len(blob)
-    assert sorted(p.relative_to(tmp_path / "out" / "quarantine").as_posix()
-                  for p in (tmp_path / "out" / "quarantine").rglob("*") if p.is_file()) == \
-        sorted(f"cat/{n}" for n in BAD_FILES)
+    assert sorted(
+        p.relative_to(tmp_path / "out" / "quarantine").as_posix()
+        for p in (tmp_path / "out" / "quarantine").rglob("*")
+        if p.is_file()
+    ) == sorted(f"cat/{n}" for n in BAD_FILES)
     good = 2 * 8 + len(ODD_BUT_GOOD)
     assert sum(manifest["splits"][s]["count"] for s in prepared.SPLITS) == good  # every good image kept
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"] == skipped
@@ -236,11 +256,14 @@ def test_quarantine_stays_inside_the_artifact_for_dotdot_names(tmp_path):
     sources.quarantine(sources.Source(["cat"], {}, "t", root=str(root)), entries, out)
     assert entries[0]["quarantine"] == "quarantine/cat/evil.jpg"
     assert (out / "quarantine" / "cat" / "evil.jpg").read_bytes() == b"junk"
-    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("evil.jpg")) == \
-        ["evil.jpg", "out/quarantine/cat/evil.jpg"]  # the original and its copy, nothing elsewhere
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("evil.jpg")) == [
+        "evil.jpg",
+        "out/quarantine/cat/evil.jpg",
+    ]  # the original and its copy, nothing elsewhere
 
 
 # ---------------------------------------------------------------- a symlink loop in the source tree
+
 
 def test_symlink_loop_terminates_and_lists_each_file_once(tmp_path):
     root = tmp_path / "src"
@@ -260,10 +283,11 @@ def test_symlink_loop_terminates_and_lists_each_file_once(tmp_path):
     files = [f for f, _ in result["src"].files["all"]]
     real = [os.path.realpath(f) for f in files]
     assert len(files) == 6 and len(set(real)) == 6  # 6 real files, none twice
-    assert sorted(f[len(str(root)) + 1:] for f in files) == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]
+    assert sorted(f[len(str(root)) + 1 :] for f in files) == [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(3)]
 
 
 # ---------------------------------------------------------------- archives as data.source
+
 
 def _tar(path, root, mode):
     with tarfile.open(path, mode) as t:
@@ -311,15 +335,18 @@ def _info(name, kind=tarfile.REGTYPE, link=""):
     return m
 
 
-@pytest.mark.parametrize("member, words", [
-    (_info("../evil.jpg"), "'../evil.jpg' contains '..'"),
-    (_info("cat/../../evil.jpg"), "'cat/../../evil.jpg' contains '..'"),
-    (_info("/tmp/evil.jpg"), "'/tmp/evil.jpg' is an absolute path"),
-    (_info("cat/link.jpg", tarfile.SYMTYPE, "../../evil.jpg"), "'cat/link.jpg' is a link to '../../evil.jpg'"),
-    (_info("cat/abs.jpg", tarfile.SYMTYPE, "/etc/passwd"), "'cat/abs.jpg' is a link to '/etc/passwd'"),
-    (_info("cat/hard.jpg", tarfile.LNKTYPE, "../evil.jpg"), "'cat/hard.jpg' is a link to '../evil.jpg'"),
-    (_info("cat/dev", tarfile.CHRTYPE), "'cat/dev' is a device"),
-])
+@pytest.mark.parametrize(
+    "member, words",
+    [
+        (_info("../evil.jpg"), "'../evil.jpg' contains '..'"),
+        (_info("cat/../../evil.jpg"), "'cat/../../evil.jpg' contains '..'"),
+        (_info("/tmp/evil.jpg"), "'/tmp/evil.jpg' is an absolute path"),
+        (_info("cat/link.jpg", tarfile.SYMTYPE, "../../evil.jpg"), "'cat/link.jpg' is a link to '../../evil.jpg'"),
+        (_info("cat/abs.jpg", tarfile.SYMTYPE, "/etc/passwd"), "'cat/abs.jpg' is a link to '/etc/passwd'"),
+        (_info("cat/hard.jpg", tarfile.LNKTYPE, "../evil.jpg"), "'cat/hard.jpg' is a link to '../evil.jpg'"),
+        (_info("cat/dev", tarfile.CHRTYPE), "'cat/dev' is a device"),
+    ],
+)
 def test_tar_member_escaping_the_tree_is_rejected(tmp_path, member, words):
     archive = tmp_path / "x" / "data.tgz"
     archive.parent.mkdir()
@@ -330,8 +357,14 @@ def test_tar_member_escaping_the_tree_is_rejected(tmp_path, member, words):
     assert not (tmp_path / "out" / ".source" / "tree" / "cat").exists()  # refused before extracting anything
 
 
-@pytest.mark.parametrize("name, words", [("../evil.jpg", "contains '..'"), ("/abs/evil.jpg", "is an absolute path"),
-                                         ("cat/..\\..\\evil.jpg", "contains '..'")])
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("../evil.jpg", "contains '..'"),
+        ("/abs/evil.jpg", "is an absolute path"),
+        ("cat/..\\..\\evil.jpg", "contains '..'"),
+    ],
+)
 def test_zip_member_escaping_the_tree_is_rejected(tmp_path, name, words):
     archive = tmp_path / "x" / "data.zip"
     archive.parent.mkdir()

@@ -1,4 +1,5 @@
 """Bad input: one clear line, exit code 2, before any compute."""
+
 import json
 
 import pytest
@@ -6,15 +7,18 @@ import pytest
 from funmatch.app import cli
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["run", "--preset", "no-such-preset"], ["no-such-preset"]),
-    (["run", "--set", "distill.epochz=3"], ["distill.epochz", "distill.epochs"]),
-    (["run", "--set", "distill.epochs=three"], ["distill.epochs", "three"]),
-    (["run", "--set", "data.source=/no/such/dir"], ["/no/such/dir"]),
-    (["run", "--set", "distill.setup=teleport"], ["teleport"]),
-    (["run", "--set", "teacher.init=/no/teacher.npz"], ["teacher.init", "/no/teacher.npz"]),
-    (["compile", "--set", "student.resolution=33", "--output", "x.yaml"], ["student.resolution", "33"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["run", "--preset", "no-such-preset"], ["no-such-preset"]),
+        (["run", "--set", "distill.epochz=3"], ["distill.epochz", "distill.epochs"]),
+        (["run", "--set", "distill.epochs=three"], ["distill.epochs", "three"]),
+        (["run", "--set", "data.source=/no/such/dir"], ["/no/such/dir"]),
+        (["run", "--set", "distill.setup=teleport"], ["teleport"]),
+        (["run", "--set", "teacher.init=/no/teacher.npz"], ["teacher.init", "/no/teacher.npz"]),
+        (["compile", "--set", "student.resolution=33", "--output", "x.yaml"], ["student.resolution", "33"]),
+    ],
+)
 def test_bad_input_is_one_clear_line(argv, words, capsys, tmp_path):
     assert cli.main(argv + (["--output", str(tmp_path / "out")] if argv[0] == "run" else [])) == 2
     err = capsys.readouterr().err
@@ -26,8 +30,12 @@ def test_bad_input_is_one_clear_line(argv, words, capsys, tmp_path):
 
 def test_teacher_checkpoint_that_does_not_fit(tmp_path, capsys, teacher_dir):
     weights = teacher_dir / "member-0.safetensors"
-    assert cli.main(["run", "--output", str(tmp_path), "--set", f"teacher.init={weights}",
-                     "--set", "teacher.arch=bit-r14-mini"]) == 2
+    assert (
+        cli.main(
+            ["run", "--output", str(tmp_path), "--set", f"teacher.init={weights}", "--set", "teacher.arch=bit-r14-mini"]
+        )
+        == 2
+    )
     assert "does not fit bit-r14-mini" in capsys.readouterr().err
 
 

@@ -1,5 +1,6 @@
 """A malicious pickle never runs: every way a checkpoint enters is refused before unpickling, and the
 code base holds no call that would unpickle (torch.load, pickle, allow_pickle=True, yaml.load)."""
+
 import hashlib
 import json
 import pickle
@@ -13,9 +14,9 @@ from torch import nn
 
 from funmatch import config
 from funmatch.app import cli
+from funmatch.errors import CheckpointError, ConfigError
 from funmatch.recipe import models
 from funmatch.storage.checkpoint import CheckpointManager
-from funmatch.errors import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,6 +39,7 @@ def test_the_canary_fires_when_unpickled(tmp_path):
 
 
 # ---------------------------------------------------------------- teacher.init / student.init
+
 
 @pytest.mark.parametrize("name", ["teacher.pt", "teacher.pth", "weights.pkl", "model.bin", "ckpt.ckpt"])
 def test_pickle_formats_are_refused_by_config_validation(name):
@@ -66,8 +68,19 @@ def test_cli_refuses_a_pickled_npz_teacher_in_one_line(tmp_path, capsys):
     payload = np.empty(1, dtype=object)
     payload[0] = Canary(marker)
     np.savez(evil, **{"resnet/root_block/standardized_conv2d/kernel": payload})
-    rc = cli.main(["run", "--preset", "demo-tiny", "--output", str(tmp_path / "run"),
-                   "--set", "teacher.arch=bit-r14-mini", "--set", f"teacher.init={evil}"])
+    rc = cli.main(
+        [
+            "run",
+            "--preset",
+            "demo-tiny",
+            "--output",
+            str(tmp_path / "run"),
+            "--set",
+            "teacher.arch=bit-r14-mini",
+            "--set",
+            f"teacher.init={evil}",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "teacher.npz" in err and err.count("\n") == 1
     assert not marker.exists() and not (tmp_path / "run" / "model.onnx").exists()
@@ -84,6 +97,7 @@ def test_safetensors_init_that_is_a_pickle_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- step checkpoints
+
 
 def _model_and_opt():
     torch.manual_seed(0)
@@ -119,8 +133,9 @@ def test_only_pickle_checkpoints_means_a_fresh_start_not_a_crash(tmp_path):
     ckpt.mkdir()
     blob = pickle.dumps(Canary(marker))
     (ckpt / "ckpt-000000010.safetensors").write_bytes(blob)
-    (ckpt / "ckpt-000000010.json").write_text(json.dumps({"step": 10, "config_hash": "cfg",
-                                                          "sha256": hashlib.sha256(blob).hexdigest()}))
+    (ckpt / "ckpt-000000010.json").write_text(
+        json.dumps({"step": 10, "config_hash": "cfg", "sha256": hashlib.sha256(blob).hexdigest()})
+    )
     assert CheckpointManager(str(ckpt), "cfg").load_latest() is None
     assert not marker.exists()
 
@@ -152,9 +167,11 @@ def unsafe_lines(root: Path) -> list[str]:
 def test_the_scan_finds_what_it_looks_for(tmp_path):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
-    (pkg / "bad.py").write_text("import pickle\nx = torch.load(f)\nnp.load(p, allow_pickle=True)\n"
-                                "yaml.load(s, Loader=yaml.Loader)\nok = yaml.safe_load(s)  # torch.load( in a comment\n"
-                                "np.load(p, allow_pickle=False)\n")
+    (pkg / "bad.py").write_text(
+        "import pickle\nx = torch.load(f)\nnp.load(p, allow_pickle=True)\n"
+        "yaml.load(s, Loader=yaml.Loader)\nok = yaml.safe_load(s)  # torch.load( in a comment\n"
+        "np.load(p, allow_pickle=False)\n"
+    )
     assert [line.split(":")[1] for line in unsafe_lines(pkg)] == ["1", "2", "3", "4"]
 
 
@@ -165,6 +182,10 @@ def test_no_unpickling_calls_in_the_code_base(package):
 
 def test_every_np_load_says_allow_pickle_false():
     """numpy's default is already False; saying it keeps it so if the default ever moves."""
-    calls = [(p, line) for p in sorted((REPO / "funmatch").rglob("*.py"))
-             for line in p.read_text().splitlines() if re.search(r"\bnp\.load\(", line.split("#")[0])]
+    calls = [
+        (p, line)
+        for p in sorted((REPO / "funmatch").rglob("*.py"))
+        for line in p.read_text().splitlines()
+        if re.search(r"\bnp\.load\(", line.split("#")[0])
+    ]
     assert calls and all("allow_pickle=False" in line for _, line in calls), calls

@@ -1,4 +1,5 @@
 """`funmatch submit` / `funmatch schedule` against a loopback stub of the KFP v2beta1 endpoints kfp.Client calls."""
+
 from __future__ import annotations
 
 import email.parser
@@ -40,13 +41,19 @@ class KfpStub:
                 url = urllib.parse.urlsplit(self.path)
                 query = dict(urllib.parse.parse_qsl(url.query))
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                req = SimpleNamespace(method=self.command, path=url.path, query=query,
-                                      headers={k.lower(): v for k, v in self.headers.items()},
-                                      body=None, files={})
+                req = SimpleNamespace(
+                    method=self.command,
+                    path=url.path,
+                    query=query,
+                    headers={k.lower(): v for k, v in self.headers.items()},
+                    body=None,
+                    files={},
+                )
                 ctype = self.headers.get("Content-Type", "")
                 if ctype.startswith("multipart/form-data"):
                     msg = email.parser.BytesParser(policy=email.policy.default).parsebytes(
-                        f"Content-Type: {ctype}\r\n\r\n".encode() + raw)
+                        f"Content-Type: {ctype}\r\n\r\n".encode() + raw
+                    )
                     for part in msg.iter_parts():
                         req.files[part.get_param("name", header="content-disposition")] = part.get_payload(decode=True)
                 elif raw:
@@ -84,7 +91,7 @@ class KfpStub:
         return True
 
     def route(self, r) -> tuple[int, dict]:
-        parts = r.path[len(API):].strip("/").split("/")
+        parts = r.path[len(API) :].strip("/").split("/")
         if r.path == f"{API}/healthz":
             return 200, {"multi_user": False}
         if parts[0] == "pipelines":
@@ -92,17 +99,30 @@ class KfpStub:
                 return 200, {"pipelines": [p for p in self.pipelines.values() if self._matches(p, r.query)]}
             if r.method == "POST" and parts[1:] == ["upload"]:
                 pid = self.new_id("pipeline")
-                self.pipelines[pid] = {"pipeline_id": pid, "display_name": r.query["name"],
-                                       "description": r.query.get("description", "")}
-                self.versions[pid] = [{"pipeline_id": pid, "pipeline_version_id": self.new_id("version"),
-                                       "display_name": r.query["name"], "description": ""}]
+                self.pipelines[pid] = {
+                    "pipeline_id": pid,
+                    "display_name": r.query["name"],
+                    "description": r.query.get("description", ""),
+                }
+                self.versions[pid] = [
+                    {
+                        "pipeline_id": pid,
+                        "pipeline_version_id": self.new_id("version"),
+                        "display_name": r.query["name"],
+                        "description": "",
+                    }
+                ]
                 return 200, self.pipelines[pid]
             if r.method == "POST" and parts[1:] == ["upload_version"]:
                 pid = r.query["pipelineid"]
                 if any(v["display_name"] == r.query["name"] for v in self.versions[pid]):
                     return 409, {"error": "exists", "message": "version name taken"}
-                v = {"pipeline_id": pid, "pipeline_version_id": self.new_id("version"), "display_name": r.query["name"],
-                     "description": r.query.get("description", "")}
+                v = {
+                    "pipeline_id": pid,
+                    "pipeline_version_id": self.new_id("version"),
+                    "display_name": r.query["name"],
+                    "description": r.query.get("description", ""),
+                }
                 self.versions[pid].append(v)
                 return 200, v
             if r.method == "GET" and len(parts) == 3 and parts[2] == "versions":
@@ -119,8 +139,13 @@ class KfpStub:
             return 200, self.runs[rid]
         if parts[0] == "recurringruns":
             if r.method == "GET":
-                return 200, {"recurringRuns": [x for x in self.recurring.values() if self._matches(x, r.query)
-                                                and x["experiment_id"] == r.query.get("experiment_id")]}
+                return 200, {
+                    "recurringRuns": [
+                        x
+                        for x in self.recurring.values()
+                        if self._matches(x, r.query) and x["experiment_id"] == r.query.get("experiment_id")
+                    ]
+                }
             if r.method == "POST":
                 rid = self.new_id("recurring")
                 self.recurring[rid] = r.body | {"recurring_run_id": rid}
@@ -158,15 +183,33 @@ def one_line_error(capsys) -> str:
 
 
 def test_submit_uploads_a_version_once_then_reuses_it(stub, capsys):
-    argv = ["submit", "--host", stub.url, "--preset", "demo-tiny", "--set", "distill.epochs=3",
-            "--experiment", "nightly", "--publish-uri", "gs://bkt/models/fashion"]
+    argv = [
+        "submit",
+        "--host",
+        stub.url,
+        "--preset",
+        "demo-tiny",
+        "--set",
+        "distill.epochs=3",
+        "--experiment",
+        "nightly",
+        "--publish-uri",
+        "gs://bkt/models/fashion",
+    ]
     assert cli.main(argv) == 0
     name = version_name("distill.epochs=3")
     p = f"{API}/pipelines"
     assert stub.calls() == [
-        ("GET", f"{API}/healthz"), ("GET", f"{API}/healthz"),  # funmatch's preflight, then kfp.Client's
-        ("GET", p), ("POST", f"{p}/upload"), ("GET", f"{p}/pipeline-1/versions"), ("POST", f"{p}/upload_version"),
-        ("GET", f"{API}/experiments"), ("POST", f"{API}/experiments"), ("POST", f"{API}/runs")]
+        ("GET", f"{API}/healthz"),
+        ("GET", f"{API}/healthz"),  # funmatch's preflight, then kfp.Client's
+        ("GET", p),
+        ("POST", f"{p}/upload"),
+        ("GET", f"{p}/pipeline-1/versions"),
+        ("POST", f"{p}/upload_version"),
+        ("GET", f"{API}/experiments"),
+        ("POST", f"{API}/experiments"),
+        ("POST", f"{API}/runs"),
+    ]
     assert all(r.headers.get("authorization") == "Bearer tok-123" for r in stub.requests)
     upload = stub.requests[5]
     assert upload.query["name"] == name and upload.query["pipelineid"] == "pipeline-1"
@@ -195,14 +238,24 @@ def test_submit_uploads_a_version_once_then_reuses_it(stub, capsys):
     assert cli.main([*argv[:6], "distill.epochs=4", *argv[7:]]) == 0  # another config: another version
     assert stub.calls(mark).count(("POST", f"{p}/upload_version")) == 1
     assert stub.calls(mark).count(("POST", f"{p}/upload")) == 0
-    assert [v["display_name"] for v in stub.versions["pipeline-1"]] == ["funmatch", name, version_name("distill.epochs=4")]
+    assert [v["display_name"] for v in stub.versions["pipeline-1"]] == [
+        "funmatch",
+        name,
+        version_name("distill.epochs=4"),
+    ]
 
 
 def test_a_same_named_version_with_other_ir_is_refused(stub, capsys):
     name = version_name()
     stub.pipelines["p0"] = {"pipeline_id": "p0", "display_name": "funmatch"}
-    stub.versions["p0"] = [{"pipeline_id": "p0", "pipeline_version_id": "v0", "display_name": name,
-                            "description": f"funmatch; IR sha256 {'0' * 64}"}]
+    stub.versions["p0"] = [
+        {
+            "pipeline_id": "p0",
+            "pipeline_version_id": "v0",
+            "display_name": name,
+            "description": f"funmatch; IR sha256 {'0' * 64}",
+        }
+    ]
     assert cli.main(["submit", "--host", stub.url, "--preset", "demo-tiny"]) == 2
     err = one_line_error(capsys)
     assert f"pipeline version '{name}' already exists with other IR (sha256 000000000000" in err
@@ -231,17 +284,21 @@ def test_schedule_creates_then_keeps_then_replaces(stub, capsys):
     assert "updated" in capsys.readouterr().out
     calls = stub.calls(mark)
     assert calls.index(("POST", f"{API}/recurringruns")) < calls.index(("DELETE", f"{API}/recurringruns/recurring-5"))
-    assert [(r["display_name"], r["trigger"]["cron_schedule"]["cron"]) for r in stub.recurring.values()] == \
-        [("weekly", "0 30 4 * * MON-FRI")]
+    assert [(r["display_name"], r["trigger"]["cron_schedule"]["cron"]) for r in stub.recurring.values()] == [
+        ("weekly", "0 30 4 * * MON-FRI")
+    ]
     assert all(r.headers.get("authorization") == "Bearer tok-123" for r in stub.requests)
 
 
-@pytest.mark.parametrize("cron, words", [
-    ("0 3 * * 0", ["'0 3 * * 0' has 5 fields", "expected 6, seconds first"]),
-    ("0 0 25 * * 0", ["hour '25' is not in 0-23"]),
-    ("0 0 3 * * MON-FRX", ["day-of-week 'FRX'"]),
-    ("0 */0 3 * * 0", ["minute step '0'"]),
-])
+@pytest.mark.parametrize(
+    "cron, words",
+    [
+        ("0 3 * * 0", ["'0 3 * * 0' has 5 fields", "expected 6, seconds first"]),
+        ("0 0 25 * * 0", ["hour '25' is not in 0-23"]),
+        ("0 0 3 * * MON-FRX", ["day-of-week 'FRX'"]),
+        ("0 */0 3 * * 0", ["minute step '0'"]),
+    ],
+)
 def test_a_bad_cron_is_one_line_before_any_request(stub, capsys, cron, words):
     assert cli.main(["schedule", "--host", stub.url, "--cron", cron]) == 2
     err = one_line_error(capsys)
@@ -252,8 +309,10 @@ def test_a_bad_cron_is_one_line_before_any_request(stub, capsys, cron, words):
 def test_refused_token_bad_and_unreachable_hosts_are_one_line(stub, monkeypatch, capsys):
     monkeypatch.setenv("KF_PIPELINES_TOKEN", "wrong")
     assert cli.main(["submit", "--host", stub.url, "--preset", "demo-tiny"]) == 2
-    assert f"KFP at {stub.url} refused the credentials (401 Unauthorized); the token came from KF_PIPELINES_TOKEN" \
+    assert (
+        f"KFP at {stub.url} refused the credentials (401 Unauthorized); the token came from KF_PIPELINES_TOKEN"
         in one_line_error(capsys)
+    )
     assert len(stub.requests) == 1  # one preflight, not kfp.Client's five retries 5 s apart
     assert cli.main(["submit", "--host", "kfp.example.com"]) == 2
     assert "--host 'kfp.example.com' is not a URL" in one_line_error(capsys)
@@ -296,7 +355,10 @@ def test_token_precedence_and_google_default_credentials(monkeypatch, tmp_path):
     (tmp_path / "token").unlink()
     assert kfp_client.resolve_token() == ("access-token", "Google access token")
     monkeypatch.setenv("KF_PIPELINES_IAP_OAUTH2_CLIENT_ID", "iap-client.apps")
-    assert kfp_client.resolve_token() == ("id-token-for-iap-client.apps", "Google ID token for audience iap-client.apps")
+    assert kfp_client.resolve_token() == (
+        "id-token-for-iap-client.apps",
+        "Google ID token for audience iap-client.apps",
+    )
 
     def no_credentials(scopes=None):
         raise gexc.DefaultCredentialsError("none")

@@ -6,6 +6,7 @@ its own layer and the layers beneath it, never one above. The KFP SDK is the ada
 core (everything below `components`) never imports kfp. Loading a config, listing presets, compiling
 and submitting import no torch.
 """
+
 from __future__ import annotations
 
 import ast
@@ -67,8 +68,7 @@ def imports(path: Path, module: str) -> list[tuple[int, str]]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
             # `from funmatch import config` imports funmatch.config: resolve names that are modules
-            found += [(node.lineno, f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base)
-                      for a in node.names]
+            found += [(node.lineno, f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base) for a in node.names]
     return found
 
 
@@ -112,12 +112,15 @@ def _copy_tree(dst: Path) -> None:
             target.write_text(path.read_text())
 
 
-@pytest.mark.parametrize("module, line, expected", [
-    ("funmatch/stages/evaluate.py", "    from kfp import dsl\n", "imports kfp"),
-    ("funmatch/recipe/losses.py", "from funmatch.stages import distill\n", "imports funmatch.stages.distill"),
-    ("funmatch/launch/tasks.py", "    import components\n", "imports components"),
-    ("funmatch/config/__init__.py", "from funmatch.app import cli\n", "imports funmatch.app.cli"),
-])
+@pytest.mark.parametrize(
+    "module, line, expected",
+    [
+        ("funmatch/stages/evaluate.py", "    from kfp import dsl\n", "imports kfp"),
+        ("funmatch/recipe/losses.py", "from funmatch.stages import distill\n", "imports funmatch.stages.distill"),
+        ("funmatch/launch/tasks.py", "    import components\n", "imports components"),
+        ("funmatch/config/__init__.py", "from funmatch.app import cli\n", "imports funmatch.app.cli"),
+    ],
+)
 def test_a_wrong_way_import_is_caught(tmp_path, module, line, expected, monkeypatch):
     """The checker is live: a copy of the tree with one bad import, at module or function level, fails."""
     _copy_tree(tmp_path)
@@ -135,18 +138,28 @@ def test_a_wrong_way_import_is_caught(tmp_path, module, line, expected, monkeypa
 
 def _imported_modules(code: str) -> set[str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print('\\n'.join(sys.modules))"],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print('\\n'.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+        check=True,
+    )
     return set(out.stdout.split())
 
 
-@pytest.mark.parametrize("code", [
-    "from funmatch import config; config.validate(config.load('imagenet'))",
-    "from funmatch.app import cli; cli.main(['presets'])",
-    "import tempfile; from funmatch.app import cli; "
-    "cli.main(['compile', '--preset', 'imagenet', '--output', tempfile.mkdtemp() + '/p.yaml'])",
-    "from funmatch.app import cli, kfp_client",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "from funmatch import config; config.validate(config.load('imagenet'))",
+        "from funmatch.app import cli; cli.main(['presets'])",
+        "import tempfile; from funmatch.app import cli; "
+        "cli.main(['compile', '--preset', 'imagenet', '--output', tempfile.mkdtemp() + '/p.yaml'])",
+        "from funmatch.app import cli, kfp_client",
+    ],
+)
 def test_config_presets_compile_and_submit_import_no_torch(code):
     loaded = _imported_modules(code)
     assert "kfp" in loaded or "compile" not in code

@@ -14,15 +14,34 @@ def test_every_preset_loads_and_round_trips_through_json():
 
 def test_required_keys_exist():
     keys = config.all_keys()
-    for k in ["data.source", "teacher.arch", "teacher.init", "teacher.resolution", "student.arch",
-              "student.resolution", "distill.setup", "distill.epochs", "distill.batch_size", "distill.lr",
-              "distill.weight_decay", "distill.temperature"]:
+    for k in [
+        "data.source",
+        "teacher.arch",
+        "teacher.init",
+        "teacher.resolution",
+        "student.arch",
+        "student.resolution",
+        "distill.setup",
+        "distill.epochs",
+        "distill.batch_size",
+        "distill.lr",
+        "distill.weight_decay",
+        "distill.temperature",
+    ]:
         assert k in keys
 
 
 def test_set_overrides_with_types():
-    cfg = config.load("demo", ["distill.epochs=7", "distill.lr=1e-3", "teacher.finetune=false",
-                               "teacher.init=/x/t.safetensors", "data.source=no"])
+    cfg = config.load(
+        "demo",
+        [
+            "distill.epochs=7",
+            "distill.lr=1e-3",
+            "teacher.finetune=false",
+            "teacher.init=/x/t.safetensors",
+            "data.source=no",
+        ],
+    )
     assert cfg.distill.epochs == 7.0 and isinstance(cfg.distill.epochs, float)
     assert cfg.distill.lr == 1e-3
     assert cfg.teacher.finetune is False
@@ -35,25 +54,28 @@ def test_preset_inherits_base():
     assert tiny.distill.epochs < demo.distill.epochs
 
 
-@pytest.mark.parametrize("item, words", [
-    ("distill.epochz=3", ["distill.epochz", "distill.epochs"]),
-    ("distill.epochs=three", ["distill.epochs", "number", "three"]),
-    ("distill.batch_size=2.5", ["distill.batch_size", "integer"]),
-    ("teacher.finetune=maybe", ["teacher.finetune", "true or false"]),
-    ("distill.setup=teleport", ["teleport", "funmatch"]),
-    ("distill.epochs=0", ["distill.epochs", "positive"]),
-    ("distill.batch_size=-4", ["distill.batch_size", "positive"]),
-    ("student.resolution=100", ["student.resolution", "multiple of 32"]),
-    ("teacher.arch=bit-r152x3", ["teacher.arch", "bit-r152x2"]),
-    ("teacher.init=weights.pt", ["teacher.init", ".npz"]),
-    ("distill.crop_min_area=0", ["distill.crop_min_area"]),
-    ("novalue", ["KEY=VALUE"]),
-    ("data.encoding=png", ["data.encoding", "'png'", "raw or jpeg"]),
-    ("data.jpeg_quality=101", ["data.jpeg_quality", "[1, 100]"]),
-    ("runtime.jpeg_decode=gpu", ["runtime.jpeg_decode", "cpu, device"]),
-    ("runtime.loader_workers=-1", ["runtime.loader_workers", "0 (auto)"]),
-    ("runtime.compile_mode=fast", ["runtime.compile_mode", "reduce-overhead"]),
-])
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("distill.epochz=3", ["distill.epochz", "distill.epochs"]),
+        ("distill.epochs=three", ["distill.epochs", "number", "three"]),
+        ("distill.batch_size=2.5", ["distill.batch_size", "integer"]),
+        ("teacher.finetune=maybe", ["teacher.finetune", "true or false"]),
+        ("distill.setup=teleport", ["teleport", "funmatch"]),
+        ("distill.epochs=0", ["distill.epochs", "positive"]),
+        ("distill.batch_size=-4", ["distill.batch_size", "positive"]),
+        ("student.resolution=100", ["student.resolution", "multiple of 32"]),
+        ("teacher.arch=bit-r152x3", ["teacher.arch", "bit-r152x2"]),
+        ("teacher.init=weights.pt", ["teacher.init", ".npz"]),
+        ("distill.crop_min_area=0", ["distill.crop_min_area"]),
+        ("novalue", ["KEY=VALUE"]),
+        ("data.encoding=png", ["data.encoding", "'png'", "raw or jpeg"]),
+        ("data.jpeg_quality=101", ["data.jpeg_quality", "[1, 100]"]),
+        ("runtime.jpeg_decode=gpu", ["runtime.jpeg_decode", "cpu, device"]),
+        ("runtime.loader_workers=-1", ["runtime.loader_workers", "0 (auto)"]),
+        ("runtime.compile_mode=fast", ["runtime.compile_mode", "reduce-overhead"]),
+    ],
+)
 def test_bad_overrides_name_key_value_and_expectation(item, words):
     with pytest.raises(ConfigError) as e:
         config.load("demo", [item])

@@ -7,8 +7,8 @@ from PIL import Image
 
 from funmatch import config
 from funmatch.data import prepared, sources
-from funmatch.stages import prepare
 from funmatch.errors import DataError
+from funmatch.stages import prepare
 
 
 def _save(path, img: Image.Image, fmt: str, **kw) -> None:
@@ -23,8 +23,15 @@ def _photo(size=(40, 30), seed=0, mode="RGB") -> Image.Image:
 
 def make_folder(root, per_class=6, classes=("cat", "dog", "fox")):
     """An ImageFolder tree with every supported format and mode, some in nested folders."""
-    fmts = [("JPEG", "jpg", "RGB"), ("PNG", "png", "L"), ("WEBP", "webp", "RGB"), ("BMP", "bmp", "RGB"),
-            ("PNG", "png", "P"), ("PNG", "png", "RGBA"), ("JPEG", "jpg", "CMYK")]
+    fmts = [
+        ("JPEG", "jpg", "RGB"),
+        ("PNG", "png", "L"),
+        ("WEBP", "webp", "RGB"),
+        ("BMP", "bmp", "RGB"),
+        ("PNG", "png", "P"),
+        ("PNG", "png", "RGBA"),
+        ("JPEG", "jpg", "CMYK"),
+    ]
     for c in classes:
         for i in range(per_class):
             fmt, ext, mode = fmts[i % len(fmts)]
@@ -65,8 +72,16 @@ def test_folder_source_finds_files_recursively_and_sorted_classes(tmp_path):
 def test_prepare_folder_splits_stratified_and_deterministic(tmp_path):
     root = make_folder(tmp_path / "src", per_class=10)
     (root / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    cfg = config.load("demo", [f"data.source={root}", "data.stored_resolution=16", "data.max_bad_fraction=0.1",
-                               "data.val_fraction=0.2", "data.test_fraction=0.2"])
+    cfg = config.load(
+        "demo",
+        [
+            f"data.source={root}",
+            "data.stored_resolution=16",
+            "data.max_bad_fraction=0.1",
+            "data.val_fraction=0.2",
+            "data.test_fraction=0.2",
+        ],
+    )
     m1 = prepare.run(cfg, tmp_path / "a")
     m2 = prepare.run(cfg, tmp_path / "b")
     assert m1["splits"] == m2["splits"]  # same seed, same split, same bytes
@@ -84,7 +99,9 @@ def test_prepare_folder_splits_stratified_and_deterministic(tmp_path):
     grew = [s for s in prepared.SPLITS if m3["splits"][s]["count"] == m1["splits"][s]["count"] + 1]
     assert len(grew) == 1
     for split in set(prepared.SPLITS) - set(grew):
-        assert np.array_equal(prepared.load_split(tmp_path / "a", split)[0], prepared.load_split(tmp_path / "c", split)[0])
+        assert np.array_equal(
+            prepared.load_split(tmp_path / "a", split)[0], prepared.load_split(tmp_path / "c", split)[0]
+        )
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog", "fox"] and manifest["stored_resolution"] == 16
 
@@ -107,11 +124,14 @@ def test_too_many_bad_files_fail(tmp_path):
         prepare.run(cfg, tmp_path / "out")
 
 
-@pytest.mark.parametrize("layout, message", [
-    ({"a": 3, "b": 0}, "hold no images"),
-    ({"only": 3}, "single class"),
-    ({}, "holds no files"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"a": 3, "b": 0}, "hold no images"),
+        ({"only": 3}, "single class"),
+        ({}, "holds no files"),
+    ],
+)
 def test_bad_class_layouts(tmp_path, layout, message):
     root = tmp_path / "src"
     root.mkdir()

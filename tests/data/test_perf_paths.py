@@ -1,9 +1,10 @@
 """Speed paths keep results: the streamed data paths (raw or JPEG shards, decoded by worker processes
 or on the device) equal the device-resident one; the benchmark commands run at tiny size on the CPU."""
+
 import functools
+import json
 import os
 import re
-import json
 
 import numpy as np
 import pytest
@@ -12,10 +13,10 @@ from safetensors.torch import load_file
 
 from funmatch import config, storage
 from funmatch.app import cli
-from funmatch.data import prepared, loader
+from funmatch.data import loader, prepared
+from funmatch.errors import DataError
 from funmatch.recipe import augment
 from funmatch.stages import distill, prepare
-from funmatch.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,12 @@ def test_shard_rows_views_equal_global_batch_views(jpeg_dataset):
     images = torch.from_numpy(prepared.load_split(jpeg_dataset, "train")[0][:16])
     for shard in ((0, 2), (1, 2)):
         rows = augment.shard_rows(16, "funmatch", shard)
-        views = [augment.distill_views(x, "funmatch", 32, 24, (0.08, 1.0), augment.step_generator(0, 7), shard=shard,
-                                       batch_size=16) for x in (images, images[rows])]
+        views = [
+            augment.distill_views(
+                x, "funmatch", 32, 24, (0.08, 1.0), augment.step_generator(0, 7), shard=shard, batch_size=16
+            )
+            for x in (images, images[rows])
+        ]
         assert all(torch.equal(a, b) for a, b in zip(views[0][0] + [views[0][1]], views[1][0] + [views[1][1]]))
 
 
@@ -89,7 +94,9 @@ def test_streamed_and_resident_batches_train_identically(tmp_path, dataset_dir, 
     dataset = dataset_dir if encoding == "raw" else jpeg_dataset
     base = ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0", "runtime.loader_workers=2"]
     distill.run(config.load("demo-tiny", base), dataset, teacher_dir, tmp_path / "resident")
-    distill.run(config.load("demo-tiny", base + ["runtime.resident_max_gb=0"]), dataset, teacher_dir, tmp_path / "streamed")
+    distill.run(
+        config.load("demo-tiny", base + ["runtime.resident_max_gb=0"]), dataset, teacher_dir, tmp_path / "streamed"
+    )
     a = load_file(str(tmp_path / "resident" / "member-0.safetensors"))
     b = load_file(str(tmp_path / "streamed" / "member-0.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -97,8 +104,12 @@ def test_streamed_and_resident_batches_train_identically(tmp_path, dataset_dir, 
 
 def test_bench_distill_prints_and_writes_figures(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "distill", "--preset", "demo-tiny", "--steps", "3", "--no-compile-baseline",
-                     "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            ["bench", "distill", "--preset", "demo-tiny", "--steps", "3", "--no-compile-baseline", "--json", str(out)]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["loop"]["img_per_s"] > 0 and result["naive_fp32"]["img_per_s"] > 0
     assert result["ratio_to_naive"] == round(result["loop"]["img_per_s"] / result["naive_fp32"]["img_per_s"], 3)
@@ -107,8 +118,27 @@ def test_bench_distill_prints_and_writes_figures(tmp_path, capsys):
 
 def test_bench_loader_streams_a_synthetic_jpeg_dataset(tmp_path, capsys):
     out = tmp_path / "loader.json"
-    assert cli.main(["bench", "loader", "--preset", "demo-tiny", "--images", "96", "--batch-size", "16",
-                     "--steps", "4", "--workers", "1,2", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "loader",
+                "--preset",
+                "demo-tiny",
+                "--images",
+                "96",
+                "--batch-size",
+                "16",
+                "--steps",
+                "4",
+                "--workers",
+                "1,2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["encoding"] == "jpeg" and result["train_images"] == 96 and result["bytes_per_image"] > 0
     assert [r["workers"] for r in result["runs"]] == [1, 2]
@@ -128,12 +158,32 @@ def test_natural_images_have_a_photographs_spectrum():
 
 def test_bench_distill_streams_jpeg_shards(tmp_path):
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "distill", "--preset", "demo-tiny", "--steps", "3", "--no-compile-baseline",
-                     "--set", "data.encoding=jpeg", "--set", "runtime.resident_max_gb=0",
-                     "--set", "runtime.loader_workers=1", "--json", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "distill",
+                "--preset",
+                "demo-tiny",
+                "--steps",
+                "3",
+                "--no-compile-baseline",
+                "--set",
+                "data.encoding=jpeg",
+                "--set",
+                "runtime.resident_max_gb=0",
+                "--set",
+                "runtime.loader_workers=1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert json.loads(out.read_text())["loop"]["img_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_compile_cache_persists_across_processes(tmp_path, dataset_dir, teacher_dir):
     """A retry on a fresh node (empty local inductor cache) loads the compiled graphs saved by the first
     attempt next to its checkpoints, and trains to the same weights."""
@@ -141,14 +191,29 @@ def test_compile_cache_persists_across_processes(tmp_path, dataset_dir, teacher_
     import subprocess
     import sys
 
-    code = ("import sys; from funmatch import config; from funmatch.stages import distill; "
-            "cfg = config.load('demo-tiny', ['distill.epochs=0.03', 'distill.warmup_steps=1', 'distill.eval_every=0', "
-            "'runtime.compile=true']); distill.run(cfg, sys.argv[1], sys.argv[2], sys.argv[3], checkpoint_dir=sys.argv[4])")
+    code = (
+        "import sys; from funmatch import config; from funmatch.stages import distill; "
+        "cfg = config.load('demo-tiny', ['distill.epochs=0.03', 'distill.warmup_steps=1', 'distill.eval_every=0', "
+        "'runtime.compile=true']); distill.run(cfg, sys.argv[1], sys.argv[2], sys.argv[3], checkpoint_dir=sys.argv[4])"
+    )
     logs = []
     for attempt in ("a", "b"):
         env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{attempt}")}
-        done = subprocess.run([sys.executable, "-c", code, str(dataset_dir), str(teacher_dir), str(tmp_path / attempt),
-                               str(tmp_path / f"ckpt-{attempt}")], env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                code,
+                str(dataset_dir),
+                str(teacher_dir),
+                str(tmp_path / attempt),
+                str(tmp_path / f"ckpt-{attempt}"),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         logs.append(done.stderr)
         if attempt == "a":  # the second attempt resumes nothing but shares the cache (as a retry would)

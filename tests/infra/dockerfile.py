@@ -7,6 +7,7 @@
 - dockerignore_patterns / in_context: .dockerignore with Docker's matching rules.
 - replay_copies: the builder stage's COPY steps replayed from what .dockerignore leaves in the context.
 """
+
 import re
 import shutil
 from pathlib import Path
@@ -84,8 +85,11 @@ def dockerfile_policy_errors(text: str, kind: str) -> list[str]:
             errs.append(f"base image {image!r} is not pinned to a release")
     for stage in stages:
         for instr, args in stage:
-            if (instr == "RUN" and re.search(r"\bpip3? install\b", args)
-                    and ("-c constraints.txt" not in args or "--no-cache-dir" not in args)):
+            if (
+                instr == "RUN"
+                and re.search(r"\bpip3? install\b", args)
+                and ("-c constraints.txt" not in args or "--no-cache-dir" not in args)
+            ):
                 errs.append(f"pip install without -c constraints.txt / --no-cache-dir: {args[:80]}")
     final = stages[-1] if stages else []
     users = [a for i, a in final if i == "USER"]
@@ -115,12 +119,14 @@ def dockerfile_policy_errors(text: str, kind: str) -> list[str]:
         if not any(i == "COPY" and a.split()[-1] == "/opt/venv/bin/torchrun" for i, a in builder):
             errs.append("the venv has no torchrun of its own: workers would start outside it")
         if global_args.get("TORCH_VERSION") != constraint("torch"):
-            errs.append(f"TORCH_VERSION {global_args.get('TORCH_VERSION')} is not constraints.txt's torch "
-                        f"{constraint('torch')}")
+            errs.append(
+                f"TORCH_VERSION {global_args.get('TORCH_VERSION')} is not constraints.txt's torch {constraint('torch')}"
+            )
     return errs
 
 
 # --- the build context ----------------------------------------------------------------------------------
+
 
 def dockerignore_patterns(text: str | None = None) -> list[IgnorePattern]:
     """(exclude?, regex) per .dockerignore line, Docker's rules: `*` and `?` stay within a path segment,
@@ -146,7 +152,7 @@ def dockerignore_patterns(text: str | None = None) -> list[IgnorePattern]:
                 rx, i = rx + "[^/]", i + 1
             elif pat[i] == "[":
                 j = pat.index("]", i)
-                rx, i = rx + pat[i:j + 1], j + 1
+                rx, i = rx + pat[i : j + 1], j + 1
             else:
                 rx, i = rx + re.escape(pat[i]), i + 1
         out.append((not negate, re.compile(rx + "(/.*)?")))
@@ -178,8 +184,11 @@ def replay_copies(dockerfile: Path, dest: Path, patterns: list[IgnorePattern] | 
             target_dir = dest / (workdir / target).relative_to("/")
             for src in sources:
                 root = ROOT / src
-                files = [p for p in (sorted(root.rglob("*")) if root.is_dir() else [root] if root.exists() else [])
-                         if p.is_file() and in_context(p.relative_to(ROOT).as_posix(), patterns)]
+                files = [
+                    p
+                    for p in (sorted(root.rglob("*")) if root.is_dir() else [root] if root.exists() else [])
+                    if p.is_file() and in_context(p.relative_to(ROOT).as_posix(), patterns)
+                ]
                 assert files, f"{dockerfile.name}: COPY {src}: not in the build context"
                 into_dir = root.is_dir() or len(sources) > 1 or target.endswith("/")
                 for path in files:

@@ -7,6 +7,7 @@
   a round trip through the published `kubeflow-trainer-api` models.
 - Pod rules checked only when pods are created, and RBAC evaluated like the API server's authorizer.
 """
+
 import copy
 import functools
 import json
@@ -99,22 +100,33 @@ def pod_spec_errors(pod: dict, where: str) -> list[str]:
 
 # --- custom resources: the CRD's schema, defaults and CEL rules ------------------------------------------
 
+
 def _strict_schema(node: object) -> object:
     """Unknown fields are errors (kubectl's default --validate=strict); `nullable` honoured."""
     if isinstance(node, list):
         return [_strict_schema(x) for x in node]
     if not isinstance(node, dict):
         return node
-    out = {k: (v if k in ("enum", "default", "example", "required", "x-kubernetes-list-map-keys")
-               else {pk: _strict_schema(pv) for pk, pv in v.items()} if k == "properties"
-               else _strict_schema(v)) for k, v in node.items()}
+    out = {
+        k: (
+            v
+            if k in ("enum", "default", "example", "required", "x-kubernetes-list-map-keys")
+            else {pk: _strict_schema(pv) for pk, pv in v.items()}
+            if k == "properties"
+            else _strict_schema(v)
+        )
+        for k, v in node.items()
+    }
     if out.get("x-kubernetes-embedded-resource"):
         props = out.setdefault("properties", {})
         for field in ("apiVersion", "kind"):
             props.setdefault(field, {"type": "string"})
         props.setdefault("metadata", {"type": "object"})
-    if ("properties" in out and "additionalProperties" not in out
-            and not out.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     if out.get("nullable") and isinstance(out.get("type"), str):
         out["type"] = [out["type"], "null"]
@@ -171,8 +183,10 @@ def _semantic_errors(schema: dict, value: object, path: str) -> list[str]:
     elif isinstance(value, list):
         list_type = schema.get("x-kubernetes-list-type")
         if list_type == "map":
-            keys = [tuple(json.dumps(item.get(k), sort_keys=True) for k in schema["x-kubernetes-list-map-keys"])
-                    for item in value]
+            keys = [
+                tuple(json.dumps(item.get(k), sort_keys=True) for k in schema["x-kubernetes-list-map-keys"])
+                for item in value
+            ]
             if len(set(keys)) != len(keys):
                 errs.append(f"{path}: duplicate entries for list-map keys {schema['x-kubernetes-list-map-keys']}")
         elif list_type == "set":
@@ -199,8 +213,12 @@ class CRDValidator:
     def errors(self, obj: dict) -> list[str]:
         group, version = group_version(obj.get("apiVersion", ""))
         if (group, obj.get("kind")) != (self.group, self.kind) or version not in self.schemas:
-            return [(f"{obj.get('apiVersion')}/{obj.get('kind')} is not served by the {self.kind} CRD "
-                     f"({self.group} {sorted(self.schemas)})")]
+            return [
+                (
+                    f"{obj.get('apiVersion')}/{obj.get('kind')} is not served by the {self.kind} CRD "
+                    f"({self.group} {sorted(self.schemas)})"
+                )
+            ]
         errs = metadata_errors(obj, self.cluster_scoped)
         for e in sorted(self.validators[version].iter_errors(obj), key=lambda e: list(e.absolute_path)):
             errs.append(f"/{'/'.join(map(str, e.absolute_path))}: {e.message}")
@@ -213,8 +231,13 @@ class CRDValidator:
 @functools.cache
 def crd_validators() -> dict[str, CRDValidator]:
     """The vendored Kubeflow Trainer CRDs, by kind."""
-    return {v.kind: v for v in (CRDValidator(CRD_DIR / "trainer.kubeflow.org_clustertrainingruntimes.yaml"),
-                                CRDValidator(CRD_DIR / "trainer.kubeflow.org_trainjobs.yaml"))}
+    return {
+        v.kind: v
+        for v in (
+            CRDValidator(CRD_DIR / "trainer.kubeflow.org_clustertrainingruntimes.yaml"),
+            CRDValidator(CRD_DIR / "trainer.kubeflow.org_trainjobs.yaml"),
+        )
+    }
 
 
 def _lost(orig: object, back: object, path: str = "") -> list[str]:
@@ -222,8 +245,11 @@ def _lost(orig: object, back: object, path: str = "") -> list[str]:
     if isinstance(orig, dict):
         if not isinstance(back, dict):
             return [f"{path or '/'}: became {type(back).__name__}"]
-        return [e for k, v in orig.items() for e in
-                (_lost(v, back[k], f"{path}/{k}") if k in back else [f"{path}/{k}: unknown to the API"])]
+        return [
+            e
+            for k, v in orig.items()
+            for e in (_lost(v, back[k], f"{path}/{k}") if k in back else [f"{path}/{k}: unknown to the API"])
+        ]
     if isinstance(orig, list):
         if not isinstance(back, list) or len(back) != len(orig):
             return [f"{path}: list changed"]
@@ -236,8 +262,10 @@ def trainer_api_errors(obj: dict) -> list[str]:
     builds TrainJobs with): wrong types raise, fields the API does not have are dropped."""
     from kubeflow_trainer_api import models
 
-    cls = {"ClusterTrainingRuntime": models.TrainerV1alpha1ClusterTrainingRuntime,
-           "TrainJob": models.TrainerV1alpha1TrainJob}[obj["kind"]]
+    cls = {
+        "ClusterTrainingRuntime": models.TrainerV1alpha1ClusterTrainingRuntime,
+        "TrainJob": models.TrainerV1alpha1TrainJob,
+    }[obj["kind"]]
     try:
         back = cls.from_dict(copy.deepcopy(obj)).to_dict()
     except Exception as e:  # noqa: BLE001 (pydantic.ValidationError and friends)
@@ -262,27 +290,37 @@ def manifest_errors(obj: dict) -> list[str]:
 
 # --- RBAC ------------------------------------------------------------------------------------------------
 
+
 def _rule_allows(rule: dict, verb: str, group: str, resource: str) -> bool:
-    return ((group in rule.get("apiGroups", []) or "*" in rule.get("apiGroups", []))
-            and (resource in rule.get("resources", []) or "*" in rule.get("resources", []))
-            and (verb in rule["verbs"] or "*" in rule["verbs"]) and not rule.get("resourceNames"))
+    return (
+        (group in rule.get("apiGroups", []) or "*" in rule.get("apiGroups", []))
+        and (resource in rule.get("resources", []) or "*" in rule.get("resources", []))
+        and (verb in rule["verbs"] or "*" in rule["verbs"])
+        and not rule.get("resourceNames")
+    )
 
 
-def allowed(objs: list[dict], account: tuple[str, str], verb: str, group: str, resource: str,
-            namespace: str | None) -> bool:
+def allowed(
+    objs: list[dict], account: tuple[str, str], verb: str, group: str, resource: str, namespace: str | None
+) -> bool:
     """RBAC as the API server's authorizer evaluates it (namespace None: a cluster-scoped resource).
     `account` is (namespace, name). A RoleBinding's ServiceAccount subject without a namespace means the
     binding's namespace."""
-    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
-             for o in objs if o["kind"] in ("Role", "ClusterRole")}
+    roles = {
+        (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
+        for o in objs
+        if o["kind"] in ("Role", "ClusterRole")
+    }
     for b in objs:
         if b["kind"] == "RoleBinding" and b["metadata"]["namespace"] != namespace:
             continue
         if b["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
             continue
         bound_ns = b["metadata"].get("namespace")
-        if not any(s["kind"] == "ServiceAccount" and (s.get("namespace") or bound_ns, s["name"]) == account
-                   for s in b["subjects"]):
+        if not any(
+            s["kind"] == "ServiceAccount" and (s.get("namespace") or bound_ns, s["name"]) == account
+            for s in b["subjects"]
+        ):
             continue
         ref = b["roleRef"]
         role = roles.get((ref["kind"], bound_ns if ref["kind"] == "Role" else None, ref["name"]))

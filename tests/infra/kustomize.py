@@ -4,6 +4,7 @@
 lists, JSON 6902), namespace, labels and images; anything else raises KustomizeError, never is ignored.
 test_kustomize.py cross-checks it against the real `kubectl kustomize` where kubectl exists.
 """
+
 import copy
 import functools
 from collections.abc import Callable
@@ -22,9 +23,20 @@ class KustomizeError(ValueError):
 # resources included, gets the `namespace:` of a kustomization: why manifests/base keeps the
 # ClusterTrainingRuntime out of the namespaced sub-kustomization.
 CLUSTER_SCOPED_KINDS = {
-    "Namespace", "Node", "PersistentVolume", "StorageClass", "CSIDriver", "RuntimeClass", "PriorityClass",
-    "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "APIService",
-    "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration", "IngressClass",
+    "Namespace",
+    "Node",
+    "PersistentVolume",
+    "StorageClass",
+    "CSIDriver",
+    "RuntimeClass",
+    "PriorityClass",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "APIService",
+    "MutatingWebhookConfiguration",
+    "ValidatingWebhookConfiguration",
+    "IngressClass",
 }
 KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "components", "namespace", "patches", "labels", "images"}
 
@@ -86,8 +98,13 @@ def _matches(r: dict, target: dict, where: Path) -> bool:
     if unsupported:
         raise KustomizeError(f"{where}: patch target field(s) {sorted(unsupported)} not supported")
     group, version = group_version(r["apiVersion"])
-    have = {"group": group, "version": version, "kind": r["kind"], "name": r["metadata"]["name"],
-            "namespace": r["metadata"].get("namespace")}
+    have = {
+        "group": group,
+        "version": version,
+        "kind": r["kind"],
+        "name": r["metadata"]["name"],
+        "namespace": r["metadata"].get("namespace"),
+    }
     return all(have[key] == value for key, value in target.items())
 
 
@@ -108,9 +125,14 @@ def _patch(d: Path, f: Path, spec: dict, acc: list[dict]) -> None:
             targets = [r for r in acc if _matches(r, spec["target"], f)]
         else:
             meta = body.get("metadata", {})
-            targets = [r for r in acc if r["apiVersion"] == body.get("apiVersion") and r["kind"] == body.get("kind")
-                       and r["metadata"]["name"] == meta.get("name")
-                       and r["metadata"].get("namespace") == meta.get("namespace")]
+            targets = [
+                r
+                for r in acc
+                if r["apiVersion"] == body.get("apiVersion")
+                and r["kind"] == body.get("kind")
+                and r["metadata"]["name"] == meta.get("name")
+                and r["metadata"].get("namespace") == meta.get("namespace")
+            ]
         for r in targets:
             _merge(r, body)
     else:
@@ -121,8 +143,10 @@ def _patch(d: Path, f: Path, spec: dict, acc: list[dict]) -> None:
 
 def _refuse_lists(node: object, f: Path, path: str = "") -> None:
     if isinstance(node, list):
-        raise KustomizeError(f"{f}: list at {path or '/'} in a strategic-merge patch (merge keys are not "
-                             "modelled here): use a JSON 6902 patch")
+        raise KustomizeError(
+            f"{f}: list at {path or '/'} in a strategic-merge patch (merge keys are not "
+            "modelled here): use a JSON 6902 patch"
+        )
     if isinstance(node, dict):
         for k, v in node.items():
             if k.startswith("$"):
@@ -183,8 +207,9 @@ def _json6902(doc: dict, op: dict, f: Path) -> None:
 def _set_namespace(acc: list[dict], namespace: str) -> None:
     # kustomize moves a (Cluster)RoleBinding subject along with a ServiceAccount it refers to that is part
     # of the same build (same name, same original namespace, unset counting as unset).
-    accounts = {(r["metadata"]["name"], r["metadata"].get("namespace", ""))
-                for r in acc if r["kind"] == "ServiceAccount"}
+    accounts = {
+        (r["metadata"]["name"], r["metadata"].get("namespace", "")) for r in acc if r["kind"] == "ServiceAccount"
+    }
     for r in acc:
         if r["kind"] in ("RoleBinding", "ClusterRoleBinding"):
             for s in r.get("subjects", []):
@@ -196,8 +221,11 @@ def _set_namespace(acc: list[dict], namespace: str) -> None:
 
 
 def _add_labels(f: Path, spec: dict, acc: list[dict]) -> None:
-    if (set(spec) - {"pairs", "includeSelectors", "includeTemplates"}
-            or spec.get("includeSelectors") or spec.get("includeTemplates")):
+    if (
+        set(spec) - {"pairs", "includeSelectors", "includeTemplates"}
+        or spec.get("includeSelectors")
+        or spec.get("includeTemplates")
+    ):
         raise KustomizeError(f"{f}: labels {spec}: only plain `pairs` (metadata.labels) are supported")
     for r in acc:
         r["metadata"].setdefault("labels", {}).update(spec["pairs"])
@@ -245,6 +273,7 @@ def _walk_containers(node: object, fn: Callable[[dict], None]) -> None:
 
 
 # --- the repository's manifests, rendered -------------------------------------------------------------
+
 
 @functools.cache
 def rendered(which: str) -> tuple[dict, ...]:

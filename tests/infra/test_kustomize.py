@@ -4,6 +4,7 @@ Where kubectl exists, every rendering (the repository's overlays and the small t
 equal the real `kubectl kustomize` output; without it, the renderer is still pinned by the semantics
 asserted below (namespace transformer, patches, labels, images) and must refuse anything it does not model.
 """
+
 import json
 import shutil
 import subprocess
@@ -21,8 +22,9 @@ def test_renderer_matches_kubectl_kustomize(which):
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed: the renderer's own tests below still run")
-    out = subprocess.run([kubectl, "kustomize", str(MANIFESTS / which)], check=False, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [kubectl, "kustomize", str(MANIFESTS / which)], check=False, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     theirs = sorted(json.dumps(d, sort_keys=True) for d in yaml.safe_load_all(out.stdout) if d)
     ours = sorted(json.dumps(d, sort_keys=True) for d in objects(which))
@@ -37,28 +39,38 @@ def _write_tree(root: Path, files: dict[str, str]) -> Path:
 
 
 SA = "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: runner\n"
-BINDING = ("apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: b\n"
-           "roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: r}\n"
-           "subjects:\n- {kind: ServiceAccount, name: runner}\n- {kind: ServiceAccount, name: other}\n")
-RUNTIME = ("apiVersion: trainer.kubeflow.org/v1alpha1\nkind: ClusterTrainingRuntime\nmetadata:\n  name: rt\n"
-           "spec:\n  template:\n    spec:\n      containers:\n      - {name: a, image: 'reg.io:5000/x/img:1'}\n"
-           "      - {name: b, image: other/img}\n      volumes: [{name: v1}]\n")
+BINDING = (
+    "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: b\n"
+    "roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: r}\n"
+    "subjects:\n- {kind: ServiceAccount, name: runner}\n- {kind: ServiceAccount, name: other}\n"
+)
+RUNTIME = (
+    "apiVersion: trainer.kubeflow.org/v1alpha1\nkind: ClusterTrainingRuntime\nmetadata:\n  name: rt\n"
+    "spec:\n  template:\n    spec:\n      containers:\n      - {name: a, image: 'reg.io:5000/x/img:1'}\n"
+    "      - {name: b, image: other/img}\n      volumes: [{name: v1}]\n"
+)
 
 
 def _kubectl_agrees(root: Path, ours: list[dict]) -> None:
     """Where kubectl exists, its kustomize must render the same objects."""
     kubectl = shutil.which("kubectl")
     if kubectl:
-        out = subprocess.run([kubectl, "kustomize", str(root)], check=False, capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run([kubectl, "kustomize", str(root)], check=False, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         theirs = sorted(json.dumps(d, sort_keys=True) for d in yaml.safe_load_all(out.stdout) if d)
         assert sorted(json.dumps(d, sort_keys=True) for d in ours) == theirs
 
 
 def test_renderer_namespace_moves_bound_accounts_and_stamps_unknown_kinds(tmp_path):
-    _write_tree(tmp_path, {"kustomization.yaml": "namespace: ns1\nresources: [sa.yaml, b.yaml, rt.yaml]\n",
-                           "sa.yaml": SA, "b.yaml": BINDING, "rt.yaml": RUNTIME})
+    _write_tree(
+        tmp_path,
+        {
+            "kustomization.yaml": "namespace: ns1\nresources: [sa.yaml, b.yaml, rt.yaml]\n",
+            "sa.yaml": SA,
+            "b.yaml": BINDING,
+            "rt.yaml": RUNTIME,
+        },
+    )
     objs = render(tmp_path)
     subjects = {s["name"]: s.get("namespace") for s in find(objs, "RoleBinding")["subjects"]}
     assert subjects == {"runner": "ns1", "other": None}  # only the account in this build moves
@@ -104,26 +116,61 @@ def _k(*lines: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize(("files", "message"), [
-    ({"kustomization.yaml": _k("resources: [sa.yaml]", "configMapGenerator: []"), "sa.yaml": SA}, "not supported"),
-    ({"kustomization.yaml": _k("resources: [missing.yaml]")}, "not found"),
-    ({"kustomization.yaml": _k("resources: [sa.yaml, sa.yaml]"), "sa.yaml": SA}, "duplicate resource"),
-    ({"kustomization.yaml": _k("resources: [sa.yaml]", "patches:",
-                               "- patch: '{apiVersion: v1, kind: ServiceAccount, metadata: {name: runner}, "
-                               "secrets: []}'"),
-      "sa.yaml": SA}, "JSON 6902"),
-    ({"kustomization.yaml": _k("resources: [sa.yaml]", "patches:",
-                               "- patch: '[{op: replace, path: /metadata/labels/x, value: y}]'",
-                               "  target: {kind: ServiceAccount}"),
-      "sa.yaml": SA}, "does not exist"),
-    ({"kustomization.yaml": _k("resources: [sa.yaml]", "patches:",
-                               "- patch: '{apiVersion: v1, kind: ServiceAccount, metadata: {name: nobody}}'"),
-      "sa.yaml": SA}, "matches no resource"),
-    ({"kustomization.yaml": _k("resources: [sa.yaml]", "labels:", "- pairs: {a: b}", "  includeSelectors: true"),
-      "sa.yaml": SA}, "only plain"),
-    ({"kustomization.yaml": _k("components: [c]"), "c/kustomization.yaml": _k("kind: Kustomization")},
-     "expected Component"),
-])
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"kustomization.yaml": _k("resources: [sa.yaml]", "configMapGenerator: []"), "sa.yaml": SA}, "not supported"),
+        ({"kustomization.yaml": _k("resources: [missing.yaml]")}, "not found"),
+        ({"kustomization.yaml": _k("resources: [sa.yaml, sa.yaml]"), "sa.yaml": SA}, "duplicate resource"),
+        (
+            {
+                "kustomization.yaml": _k(
+                    "resources: [sa.yaml]",
+                    "patches:",
+                    "- patch: '{apiVersion: v1, kind: ServiceAccount, metadata: {name: runner}, secrets: []}'",
+                ),
+                "sa.yaml": SA,
+            },
+            "JSON 6902",
+        ),
+        (
+            {
+                "kustomization.yaml": _k(
+                    "resources: [sa.yaml]",
+                    "patches:",
+                    "- patch: '[{op: replace, path: /metadata/labels/x, value: y}]'",
+                    "  target: {kind: ServiceAccount}",
+                ),
+                "sa.yaml": SA,
+            },
+            "does not exist",
+        ),
+        (
+            {
+                "kustomization.yaml": _k(
+                    "resources: [sa.yaml]",
+                    "patches:",
+                    "- patch: '{apiVersion: v1, kind: ServiceAccount, metadata: {name: nobody}}'",
+                ),
+                "sa.yaml": SA,
+            },
+            "matches no resource",
+        ),
+        (
+            {
+                "kustomization.yaml": _k(
+                    "resources: [sa.yaml]", "labels:", "- pairs: {a: b}", "  includeSelectors: true"
+                ),
+                "sa.yaml": SA,
+            },
+            "only plain",
+        ),
+        (
+            {"kustomization.yaml": _k("components: [c]"), "c/kustomization.yaml": _k("kind: Kustomization")},
+            "expected Component",
+        ),
+    ],
+)
 def test_renderer_refuses_what_it_does_not_model(tmp_path, files, message):
     _write_tree(tmp_path, files)
     with pytest.raises(KustomizeError, match=message):

@@ -2,6 +2,7 @@
 executables that record their arguments: it builds and pushes exactly the images the compiled pipeline
 runs (components.image()), picks the engine, honours PUSH=0 and stops at the first failed build.
 """
+
 import os
 import stat
 import subprocess
@@ -18,22 +19,47 @@ def _fake_engines(tmp_path: Path, names: tuple[str, ...], fail_build: bool = Fal
     bin_dir.mkdir()
     for name in names:
         exe = bin_dir / name
-        exe.write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n'
-                       + ('[ "$1" = build ] && exit 1\n' if fail_build else "") + "exit 0\n")
+        exe.write_text(
+            f'#!/bin/sh\necho "{name} $*" >> "{log}"\n'
+            + ('[ "$1" = build ] && exit 1\n' if fail_build else "")
+            + "exit 0\n"
+        )
         exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     # PATH without any real docker/podman (this machine has a docker client in /usr/local/bin)
-    keep = [p for p in os.environ["PATH"].split(os.pathsep)
-            if p and not any(os.access(os.path.join(p, e), os.X_OK) for e in ("docker", "podman"))]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CONTAINER_ENGINE", "REGISTRY", "TAG", "PUSH", "PLATFORM", "MAKEFLAGS", "MFLAGS",
-                        "FUNMATCH_IMAGE_PREFIX", "FUNMATCH_IMAGE_TAG")}
+    keep = [
+        p
+        for p in os.environ["PATH"].split(os.pathsep)
+        if p and not any(os.access(os.path.join(p, e), os.X_OK) for e in ("docker", "podman"))
+    ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "CONTAINER_ENGINE",
+            "REGISTRY",
+            "TAG",
+            "PUSH",
+            "PLATFORM",
+            "MAKEFLAGS",
+            "MFLAGS",
+            "FUNMATCH_IMAGE_PREFIX",
+            "FUNMATCH_IMAGE_TAG",
+        )
+    }
     env["PATH"] = os.pathsep.join([str(bin_dir), *keep])
     return env, log
 
 
 def _make_images(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "images", f"PYTHON={sys.executable}",
-                           *args], check=False, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), "images", f"PYTHON={sys.executable}", *args],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def _calls(log: Path) -> list[list[str]]:
@@ -49,8 +75,10 @@ def test_make_images_builds_and_pushes_what_the_pipeline_runs(tmp_path, engines)
     want = {k: expected_image(k, "registry.example/team", "9.9.9") for k in ("cpu", "cuda")}
     build = [engine, "build", "--platform", "linux/amd64", "--build-arg", "VERSION=9.9.9", "-f"]
     assert _calls(log) == [
-        [*build, "images/Dockerfile.cpu", "-t", want["cpu"], "."], [engine, "push", want["cpu"]],
-        [*build, "images/Dockerfile.cuda", "-t", want["cuda"], "."], [engine, "push", want["cuda"]],
+        [*build, "images/Dockerfile.cpu", "-t", want["cpu"], "."],
+        [engine, "push", want["cpu"]],
+        [*build, "images/Dockerfile.cuda", "-t", want["cuda"], "."],
+        [engine, "push", want["cuda"]],
     ]
 
 
@@ -70,8 +98,10 @@ def test_make_images_reads_the_same_settings_as_compile(tmp_path):
     out = _make_images(env)
     assert out.returncode == 0, out.stderr
     pushed = [c[2] for c in _calls(log) if c[1] == "push"]
-    assert pushed == [expected_image("cpu", "europe-docker.pkg.dev/p/r", "rc1"),
-                      expected_image("cuda", "europe-docker.pkg.dev/p/r", "rc1")]
+    assert pushed == [
+        expected_image("cpu", "europe-docker.pkg.dev/p/r", "rc1"),
+        expected_image("cuda", "europe-docker.pkg.dev/p/r", "rc1"),
+    ]
 
 
 def test_make_images_fails_without_an_engine_or_on_a_failed_build(tmp_path):

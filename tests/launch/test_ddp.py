@@ -1,8 +1,10 @@
 """Two processes (gloo, CPU) under torchrun train like one process on the same global batch."""
+
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -11,9 +13,11 @@ from funmatch.launch import tasks
 from funmatch.stages import distill
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path, dataset_dir, teacher_dir):
-    cfg = config.load("demo-tiny", ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0",
-                                    "runtime.num_threads=1"])
+    cfg = config.load(
+        "demo-tiny", ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0", "runtime.num_threads=1"]
+    )
     single = distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "single")
     info = tasks.torchrun_distill(cfg, str(dataset_dir), str(teacher_dir), str(tmp_path / "ddp"), "", nproc=2)
     assert info["steps"] == single["steps"] == 7
@@ -23,8 +27,9 @@ def test_two_process_ddp_matches_single_process(tmp_path, dataset_dir, teacher_d
     # Same global batch and randomness: only float reduction order differs (Adam can turn a 1e-7
     # gradient difference into a lr-sized step on a near-zero gradient). A control run on other
     # batches (another seed) lands an order of magnitude further away.
-    other = config.load("demo-tiny", ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0",
-                                      "runtime.seed=1"])
+    other = config.load(
+        "demo-tiny", ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0", "runtime.seed=1"]
+    )
     distill.run(other, dataset_dir, teacher_dir, tmp_path / "control")
     c = load_file(str(tmp_path / "control" / "member-0.safetensors"))
     control = max((a[k] - c[k]).abs().max().item() for k in a)
@@ -37,22 +42,49 @@ def test_two_process_ddp_matches_single_process(tmp_path, dataset_dir, teacher_d
     assert abs(hist_a[-1]["loss"] - hist_b[-1]["loss"]) < 1e-3
 
 
+@pytest.mark.slow
 def test_global_batch_must_split_evenly(tmp_path, dataset_dir, teacher_dir):
     cfg = config.load("demo-tiny", ["distill.batch_size=63", "runtime.num_threads=1"])
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "funmatch", "stage", "distill", "--config-json", cfg.to_json(),
-                          "--dataset", str(dataset_dir), "--teacher", str(teacher_dir),
-                          "--output", str(tmp_path / "x")], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "funmatch",
+            "stage",
+            "distill",
+            "--config-json",
+            cfg.to_json(),
+            "--dataset",
+            str(dataset_dir),
+            "--teacher",
+            str(teacher_dir),
+            "--output",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0 and "distill.batch_size=63" in out.stderr
 
 
+@pytest.mark.slow
 def test_ddp_ranks_streaming_only_their_rows_train_like_resident(tmp_path, dataset_dir, teacher_dir):
     """Streamed, each rank reads just its slice and one mixup neighbour: the same weights as ranks
     gathering from a resident split."""
     base = ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0", "runtime.num_threads=1"]
     for name, extra in (("resident", []), ("streamed", ["runtime.resident_max_gb=0", "runtime.loader_workers=1"])):
-        tasks.torchrun_distill(config.load("demo-tiny", base + extra), str(dataset_dir), str(teacher_dir),
-                               str(tmp_path / name), "", nproc=2)
+        tasks.torchrun_distill(
+            config.load("demo-tiny", base + extra),
+            str(dataset_dir),
+            str(teacher_dir),
+            str(tmp_path / name),
+            "",
+            nproc=2,
+        )
     a = load_file(str(tmp_path / "resident" / "member-0.safetensors"))
     b = load_file(str(tmp_path / "streamed" / "member-0.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -6,6 +6,7 @@ trainjobs custom-object endpoints, watch included) whose scripted "controller" m
 its states; in the end-to-end case it runs the worker command from the POSTed TrainJob in-process,
 so the command line, the staging of the inputs and the copy of the student are all exercised.
 """
+
 from __future__ import annotations
 
 import base64
@@ -15,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -29,8 +30,8 @@ from kfp import dsl
 from components import image
 from funmatch import config, storage
 from funmatch.app import cli
-from funmatch.launch import tasks, trainjob
 from funmatch.errors import ConfigError
+from funmatch.launch import tasks, trainjob
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "manifests/schemas/kubeflow-trainer-v2.3.0/trainer.kubeflow.org_trainjobs.yaml"
@@ -71,18 +72,28 @@ def check_trainjob(body: dict, schema: dict) -> None:
 
 
 def multi_node_cfg(**overrides) -> config.Config:
-    return config.load("demo-tiny", {"distill.num_nodes": 2, "resources.accelerator_count": 8,
-                                     "resources.node_selector_value": "nvidia-h200-141gb",
-                                     "resources.shm_size": "32Gi", "resources.timeout_hours": 2.5, **overrides})
+    return config.load(
+        "demo-tiny",
+        {
+            "distill.num_nodes": 2,
+            "resources.accelerator_count": 8,
+            "resources.node_selector_value": "nvidia-h200-141gb",
+            "resources.shm_size": "32Gi",
+            "resources.timeout_hours": 2.5,
+            **overrides,
+        },
+    )
 
 
 def body_for(cfg: config.Config, **kwargs) -> dict:
     args = trainjob.worker_args(cfg.to_json(), "gs://b/ds", "gs://b/teacher", "gs://b/out", "gs://b/ckpt")
-    return trainjob.manifest(cfg, **{"name": "funmatch-distill-abc", "namespace": NS, "image": "reg/img:1",
-                                     "args": args, **kwargs})
+    return trainjob.manifest(
+        cfg, **{"name": "funmatch-distill-abc", "namespace": NS, "image": "reg/img:1", "args": args, **kwargs}
+    )
 
 
 # ---------------------------------------------------------------- the TrainJob body
+
 
 def test_trainjob_validates_and_carries_the_task_resources(schema):
     cfg = multi_node_cfg()
@@ -91,8 +102,11 @@ def test_trainjob_validates_and_carries_the_task_resources(schema):
 
     spec = body["spec"]
     assert body["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and body["kind"] == "TrainJob"
-    assert spec["runtimeRef"] == {"name": "torch-distributed", "kind": "ClusterTrainingRuntime",
-                                  "apiGroup": "trainer.kubeflow.org"}
+    assert spec["runtimeRef"] == {
+        "name": "torch-distributed",
+        "kind": "ClusterTrainingRuntime",
+        "apiGroup": "trainer.kubeflow.org",
+    }
     t = spec["trainer"]
     assert t["numNodes"] == 2 and t["numProcPerNode"] == 8
     assert t["resourcesPerNode"] == {"limits": {"nvidia.com/gpu": "8"}, "requests": {"cpu": "8", "memory": "48Gi"}}
@@ -101,8 +115,13 @@ def test_trainjob_validates_and_carries_the_task_resources(schema):
     assert t["args"][:2] == ["stage", "distill"]
     assert json.loads(t["args"][t["args"].index("--config-json") + 1]) == cfg.to_dict()
     assert t["args"][t["args"].index("--checkpoint-dir") + 1] == "gs://b/ckpt"
-    assert not {e["name"] for e in t["env"]} & {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK",
-                                                  "PET_MASTER_ADDR", "PET_MASTER_PORT"}  # Trainer's, reserved
+    assert not {e["name"] for e in t["env"]} & {
+        "PET_NNODES",
+        "PET_NPROC_PER_NODE",
+        "PET_NODE_RANK",
+        "PET_MASTER_ADDR",
+        "PET_MASTER_PORT",
+    }  # Trainer's, reserved
     assert spec["activeDeadlineSeconds"] == 9000
 
     (patch,) = spec["runtimePatches"]
@@ -115,13 +134,19 @@ def test_trainjob_validates_and_carries_the_task_resources(schema):
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
     (container,) = pod["containers"]
     assert container["name"] == "node"
-    assert {m["mountPath"]: m["name"] for m in container["volumeMounts"]} == {"/dev/shm": "dshm",
-                                                                               "/scratch": "scratch"}
+    assert {m["mountPath"]: m["name"] for m in container["volumeMounts"]} == {"/dev/shm": "dshm", "/scratch": "scratch"}
     assert t["args"][t["args"].index("--cache-dir") + 1].startswith("/scratch/")
     assert pod["serviceAccountName"] == "pipeline-runner"
-    assert body["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "launcher-pod",
-                                                    "uid": "1234", "blockOwnerDeletion": False,
-                                                    "controller": False}]
+    assert body["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": "launcher-pod",
+            "uid": "1234",
+            "blockOwnerDeletion": False,
+            "controller": False,
+        }
+    ]
     assert body["metadata"]["labels"]["funmatch.dev/config-hash"] == cfg.hash()
 
 
@@ -177,6 +202,7 @@ def test_service_account_from_the_pods_token(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- tasks.distill's branch
 
+
 def _artifact(cls, path, uri=None):
     return cls(name=Path(path).name, uri=uri or str(path), metadata={})
 
@@ -185,8 +211,16 @@ def test_tasks_distill_needs_a_gcs_checkpoint_root(tmp_path):
     cfg = multi_node_cfg()
     student = _artifact(dsl.Model, tmp_path / "student")
     with pytest.raises(ConfigError, match="gs://"):
-        tasks.distill(cfg.to_json(), _artifact(dsl.Dataset, tmp_path / "ds"), _artifact(dsl.Model, tmp_path / "t"),
-                      str(tmp_path / "ckpt"), "nvidia.com/gpu", 8, image("cuda"), student)
+        tasks.distill(
+            cfg.to_json(),
+            _artifact(dsl.Dataset, tmp_path / "ds"),
+            _artifact(dsl.Model, tmp_path / "t"),
+            str(tmp_path / "ckpt"),
+            "nvidia.com/gpu",
+            8,
+            image("cuda"),
+            student,
+        )
     assert not (tmp_path / "student").exists()
 
 
@@ -213,14 +247,20 @@ def test_tasks_distill_launches_a_trainjob(tmp_path, monkeypatch):
     assert seen["teacher"] == teacher.path  # not on GCS: staged by the launcher
     assert seen["out_dir"] == student.path and seen["key"] == student.uri
     assert seen["runtime"] == "torch-distributed"
-    assert student.metadata == {"arch": "bit-r14-mini", "resolution": 32, "setup": "funmatch", "steps": 7,
-                                "wall_s": 1.5}
+    assert student.metadata == {
+        "arch": "bit-r14-mini",
+        "resolution": 32,
+        "setup": "funmatch",
+        "steps": 7,
+        "wall_s": 1.5,
+    }
 
 
 # ---------------------------------------------------------------- the launcher against a stub API server
 
+
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def condition(kind: str, reason: str, message: str) -> dict:
@@ -228,8 +268,9 @@ def condition(kind: str, reason: str, message: str) -> dict:
 
 
 def jobs(active=0, ready=0, succeeded=0, failed=0) -> list[dict]:
-    return [{"name": "node", "active": active, "ready": ready, "succeeded": succeeded, "failed": failed,
-             "suspended": 0}]
+    return [
+        {"name": "node", "active": active, "ready": ready, "succeeded": succeeded, "failed": failed, "suspended": 0}
+    ]
 
 
 class StubKube:
@@ -310,8 +351,11 @@ class StubKube:
             time.sleep(0.02)
 
     def seen(self, method: str, suffix: str = "", **query) -> list:
-        return [r for r in self.requests if r[0] == method and r[1].endswith(suffix)
-                and all(r[2].get(k) == [v] for k, v in query.items())]
+        return [
+            r
+            for r in self.requests
+            if r[0] == method and r[1].endswith(suffix) and all(r[2].get(k) == [v] for k, v in query.items())
+        ]
 
     # -- HTTP
     def reply(self, h, code: int, obj: dict) -> None:
@@ -323,8 +367,18 @@ class StubKube:
         h.wfile.write(data)
 
     def status(self, h, code: int, reason: str, message: str) -> None:
-        self.reply(h, code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
-                             "reason": reason, "code": code})
+        self.reply(
+            h,
+            code,
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "message": message,
+                "reason": reason,
+                "code": code,
+            },
+        )
 
     def handle(self, h, method: str) -> None:
         url = urlparse(h.path)
@@ -333,7 +387,7 @@ class StubKube:
         body = json.loads(h.rfile.read(length)) if length else None
         self.requests.append((method, url.path, query, body))
         assert url.path.startswith(PREFIX + NS + "/trainjobs"), url.path
-        name = url.path[len(PREFIX + NS + "/trainjobs"):].strip("/")
+        name = url.path[len(PREFIX + NS + "/trainjobs") :].strip("/")
         if method == "POST":
             return self.create(h, body)
         if method == "DELETE":
@@ -419,10 +473,22 @@ def api_client(stub: StubKube):
 
 def launch(stub, cfg, tmp_path, dataset, teacher, root=None, **kwargs):
     root = root or str(tmp_path / "bucket")
-    return trainjob.run(cfg, dataset=str(dataset), teacher=str(teacher), out_dir=tmp_path / "student",
-                        shared_root=root, checkpoint_dir=storage.join(root, "ckpt"),
-                        image="reg/funmatch-cuda:1", key="run-1/distill/student", namespace=NS,
-                        api_client=api_client(stub), watch_timeout_s=5, retry_s=0.1, timeout_s=60, **kwargs)
+    return trainjob.run(
+        cfg,
+        dataset=str(dataset),
+        teacher=str(teacher),
+        out_dir=tmp_path / "student",
+        shared_root=root,
+        checkpoint_dir=storage.join(root, "ckpt"),
+        image="reg/funmatch-cuda:1",
+        key="run-1/distill/student",
+        namespace=NS,
+        api_client=api_client(stub),
+        watch_timeout_s=5,
+        retry_s=0.1,
+        timeout_s=60,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -438,8 +504,13 @@ def shared_root(where: str, request, tmp_path, monkeypatch) -> str:
     if where == "local":
         return str(tmp_path / "bucket")
     url = request.getfixturevalue("gcs_emulator")
-    for key, value in {"STORAGE_EMULATOR_HOST": url, "FUNMATCH_GCS_DEADLINE_S": "15", "FUNMATCH_GCS_TIMEOUT_S": "5",
-                       "FUNMATCH_GCS_BACKOFF_S": "0.05", "FUNMATCH_GCS_MAX_BACKOFF_S": "0.2"}.items():
+    for key, value in {
+        "STORAGE_EMULATOR_HOST": url,
+        "FUNMATCH_GCS_DEADLINE_S": "15",
+        "FUNMATCH_GCS_TIMEOUT_S": "5",
+        "FUNMATCH_GCS_BACKOFF_S": "0.05",
+        "FUNMATCH_GCS_MAX_BACKOFF_S": "0.2",
+    }.items():
         monkeypatch.setenv(key, value)
     bucket = f"fm-{uuid4().hex[:12]}"
     storage.gcs_client().create_bucket(bucket)
@@ -466,14 +537,24 @@ def test_launcher_end_to_end(where, request, kube, schema, tmp_path, dataset_dir
         args[args.index("--cache-dir") + 1] = str(scratch / "funmatch")
         worker["rc"] = cli.main(args)
         if worker["rc"] == 0:
-            stub.set_status(name, jobsStatus=jobs(succeeded=2),
-                            conditions=[condition("Complete", "JobSetCompleted", "jobset completed")])
+            stub.set_status(
+                name,
+                jobsStatus=jobs(succeeded=2),
+                conditions=[condition("Complete", "JobSetCompleted", "jobset completed")],
+            )
         else:
             stub.set_status(name, conditions=[condition("Failed", "JobSetFailed", "worker failed")])
 
     stub = kube(controller)
-    cfg = multi_node_cfg(**{"distill.epochs": 0.05, "distill.warmup_steps": 2, "distill.eval_every": 0,
-                            "resources.accelerator_count": 0, "runtime.device": "cpu"})
+    cfg = multi_node_cfg(
+        **{
+            "distill.epochs": 0.05,
+            "distill.warmup_steps": 2,
+            "distill.eval_every": 0,
+            "resources.accelerator_count": 0,
+            "runtime.device": "cpu",
+        }
+    )
     caplog.set_level(logging.INFO, logger="funmatch")
     info = launch(stub, cfg, tmp_path, dataset_dir, teacher_dir, root=root)
 
@@ -522,8 +603,11 @@ def test_failed_trainjob_raises_a_clear_error(kube, tmp_path):
         name = obj["metadata"]["name"]
         stub.set_status(name, jobsStatus=jobs(active=2, ready=2))
         time.sleep(0.3)
-        stub.set_status(name, jobsStatus=jobs(failed=1, active=1), conditions=[
-            condition("Failed", "JobSetFailed", "jobset failed: node-1 exited with 137 (OOMKilled)")])
+        stub.set_status(
+            name,
+            jobsStatus=jobs(failed=1, active=1),
+            conditions=[condition("Failed", "JobSetFailed", "jobset failed: node-1 exited with 137 (OOMKilled)")],
+        )
 
     stub = kube(controller)
     src = fake_artifact(tmp_path)
@@ -585,10 +669,20 @@ def _existing(stub, cfg, tmp_path, src, status: dict, **changes) -> str:
     """The TrainJob an earlier attempt of the launcher left behind."""
     name = trainjob.job_name("run-1/distill/student")
     staged = tmp_path / "bucket" / name
-    body = trainjob.manifest(cfg, name=name, namespace=NS, image="reg/funmatch-cuda:1",
-                             env={k: os.environ[k] for k in trainjob.FORWARDED_ENV if os.environ.get(k)},
-                             args=trainjob.worker_args(cfg.to_json(), str(staged / "dataset"), str(staged / "teacher"),
-                                                       str(staged / "student"), str(tmp_path / "bucket" / "ckpt")))
+    body = trainjob.manifest(
+        cfg,
+        name=name,
+        namespace=NS,
+        image="reg/funmatch-cuda:1",
+        env={k: os.environ[k] for k in trainjob.FORWARDED_ENV if os.environ.get(k)},
+        args=trainjob.worker_args(
+            cfg.to_json(),
+            str(staged / "dataset"),
+            str(staged / "teacher"),
+            str(staged / "student"),
+            str(tmp_path / "bucket" / "ckpt"),
+        ),
+    )
     body["spec"]["trainer"] |= changes
     body["metadata"] |= {"namespace": NS, "uid": "old"}
     body["status"] = status
@@ -634,10 +728,13 @@ def test_retry_adopts_a_running_identical_trainjob(kube, tmp_path):
     assert stub.jobs[name]["metadata"]["uid"] == "old"
 
 
-@pytest.mark.parametrize("code, expected", [
-    (404, "is Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1) installed"),
-    (403, "needs create/get/list/watch/delete on trainjobs.trainer.kubeflow.org in namespace ml"),
-])
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        (404, "is Kubeflow Trainer v2 (trainer.kubeflow.org/v1alpha1) installed"),
+        (403, "needs create/get/list/watch/delete on trainjobs.trainer.kubeflow.org in namespace ml"),
+    ],
+)
 def test_create_refused_says_why(kube, tmp_path, code, expected):
     stub = kube()
     stub.fail_create = (code, "the server could not find the requested resource" if code == 404 else "forbidden")
@@ -663,6 +760,7 @@ def test_complete_without_a_student_is_an_error(kube, tmp_path):
 def test_api_server_outage(kube, tmp_path, caplog, outage):
     """503s on reads are waited out; an outage longer than outage_s ends the launcher, which then
     deletes its TrainJob (nobody would copy its student)."""
+
     def controller(stub, obj):
         name = obj["metadata"]["name"]
         _publish_student(tmp_path / "bucket" / name)

@@ -1,4 +1,5 @@
 """`funmatch run`'s console: kfp.local's whole output goes to the log, one line per task to the user."""
+
 import io
 
 from funmatch.errors import QualityGateStop
@@ -55,11 +56,15 @@ def test_verbose_shows_everything():
 
 def test_a_failed_run_is_one_line_with_the_gate_reason_or_the_task_error(tmp_path):
     console, _, _ = _feed()
-    kfp_error = ("Pipeline \x1b[95m'funmatch'\x1b[0m finished with status FAILURE. Inner task failed: "
-                 "\x1b[96m'quality-gate-stop'\x1b[0m inside \x1b[96m'condition-3'\x1b[0m.")
+    kfp_error = (
+        "Pipeline \x1b[95m'funmatch'\x1b[0m finished with status FAILURE. Inner task failed: "
+        "\x1b[96m'quality-gate-stop'\x1b[0m inside \x1b[96m'condition-3'\x1b[0m."
+    )
     line = local._failure(kfp_error, console.errors, tmp_path / "run.log")
-    assert line == ("the quality gate stopped the run before export: "
-                    "student test prec@1 0.2430 < gate.min_student_acc=0.99")
-    line = local._failure("... Inner task failed: 'distill' inside 'x'.", {"distill": "CUDA out of memory"},
-                          tmp_path / "run.log")
+    assert line == (
+        "the quality gate stopped the run before export: student test prec@1 0.2430 < gate.min_student_acc=0.99"
+    )
+    line = local._failure(
+        "... Inner task failed: 'distill' inside 'x'.", {"distill": "CUDA out of memory"}, tmp_path / "run.log"
+    )
     assert line == f"task distill failed: CUDA out of memory (full log: {tmp_path / 'run.log'})"

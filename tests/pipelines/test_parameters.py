@@ -1,6 +1,7 @@
 """One source of truth for the pipeline's UI parameters: the config keys declared
 `setting(parameter=...)`. The DAG's signature and the data prep adapter's must list exactly those,
 with the keys' types and the preset's values as defaults; the task refuses any difference."""
+
 import inspect
 import typing
 

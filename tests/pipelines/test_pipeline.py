@@ -1,4 +1,5 @@
 """The compiled IR and the whole DAG through kfp.local."""
+
 import json
 import time
 
@@ -23,14 +24,25 @@ def test_ir_has_the_stages_and_gpu_settings_on_the_two_gpu_tasks(ir):
     execs = spec["deploymentSpec"]["executors"]
     # stages 3-5 appear once per teacher branch (exec-distill and exec-distill-2, ...)
     assert {n.removesuffix("-2") for n in execs} == {
-        "exec-prepare-data", "exec-train-teacher", "exec-given-teacher", "exec-distill", "exec-evaluate",
-        "exec-export", "exec-quality-gate-stop"}
+        "exec-prepare-data",
+        "exec-train-teacher",
+        "exec-given-teacher",
+        "exec-distill",
+        "exec-evaluate",
+        "exec-export",
+        "exec-quality-gate-stop",
+    }
     gpu = {n for n, e in execs.items() if e["container"].get("resources", {}).get("accelerator")}
     assert gpu == {"exec-train-teacher", "exec-distill", "exec-distill-2"}
-    distill_tasks = [t for c in spec["components"].values() for t in c.get("dag", {}).get("tasks", {}).values()
-                     if t["componentRef"]["name"] in ("comp-distill", "comp-distill-2")]
-    assert {t["inputs"]["parameters"]["trainjob_image"]["runtimeValue"]["constant"] for t in distill_tasks} == \
-        {execs["exec-distill"]["container"]["image"]}  # a TrainJob's pods run the distill task's image
+    distill_tasks = [
+        t
+        for c in spec["components"].values()
+        for t in c.get("dag", {}).get("tasks", {}).values()
+        if t["componentRef"]["name"] in ("comp-distill", "comp-distill-2")
+    ]
+    assert {t["inputs"]["parameters"]["trainjob_image"]["runtimeValue"]["constant"] for t in distill_tasks} == {
+        execs["exec-distill"]["container"]["image"]
+    }  # a TrainJob's pods run the distill task's image
     for name in gpu:
         acc = execs[name]["container"]["resources"]["accelerator"]
         assert "accelerator_count" in acc["resourceCount"] and "accelerator_type" in acc["resourceType"]
@@ -61,8 +73,12 @@ def test_ir_teacher_condition_and_retries(ir):
     spec, _ = ir
     text = json.dumps(spec)
     assert "teacher_finetune" in text and "triggerPolicy" in text
-    retry = [t for c in spec["components"].values() for t in c.get("dag", {}).get("tasks", {}).values()
-             if t.get("retryPolicy")]
+    retry = [
+        t
+        for c in spec["components"].values()
+        for t in c.get("dag", {}).get("tasks", {}).values()
+        if t.get("retryPolicy")
+    ]
     assert len(retry) >= 3 and retry[0]["retryPolicy"]["maxRetryCount"] == 5
 
 
@@ -83,25 +99,53 @@ def test_whole_dag_runs_locally_and_reruns_from_cache(tmp_path, capsys):
     start = time.perf_counter()
     assert cli.main(["run", "--preset", "demo-tiny", "--output", str(tmp_path / "run")]) == 0
     assert time.perf_counter() - start < first  # finished stages come from the cache
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["student/test/prec@1"] == \
-        metrics["student/test/prec@1"]
+    assert (
+        json.loads((tmp_path / "run" / "metrics.json").read_text())["student/test/prec@1"]
+        == metrics["student/test/prec@1"]
+    )
 
 
+@pytest.mark.slow
 def test_given_teacher_branch_runs_locally(tmp_path, teacher_dir):
     weights = teacher_dir / "member-0.safetensors"
-    argv = ["run", "--preset", "demo-tiny", "--output", str(tmp_path / "run"), "--set", "teacher.finetune=false",
-            "--set", f"teacher.init={weights}", "--set", "distill.epochs=0.05", "--set", "distill.warmup_steps=1"]
+    argv = [
+        "run",
+        "--preset",
+        "demo-tiny",
+        "--output",
+        str(tmp_path / "run"),
+        "--set",
+        "teacher.finetune=false",
+        "--set",
+        f"teacher.init={weights}",
+        "--set",
+        "distill.epochs=0.05",
+        "--set",
+        "distill.warmup_steps=1",
+    ]
     assert cli.main(argv) == 0
     assert not list((tmp_path / "run" / "pipeline_root").glob("*/train-teacher"))
     assert (tmp_path / "run" / "model.onnx").exists()
 
 
+@pytest.mark.slow
 def test_quality_gate_in_ir_and_stop_says_why(ir, tmp_path, capsys):
     spec, _ = ir
     text = json.dumps(spec)
     assert "gate_passed" in text and "exec-quality-gate-stop" in spec["deploymentSpec"]["executors"]
-    argv = ["run", "--preset", "demo-tiny", "--output", str(tmp_path / "run"), "--set", "gate.min_student_acc=0.99",
-            "--set", "distill.epochs=0.05", "--set", "distill.warmup_steps=1"]
+    argv = [
+        "run",
+        "--preset",
+        "demo-tiny",
+        "--output",
+        str(tmp_path / "run"),
+        "--set",
+        "gate.min_student_acc=0.99",
+        "--set",
+        "distill.epochs=0.05",
+        "--set",
+        "distill.warmup_steps=1",
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("funmatch: error: the quality gate stopped the run before export: student test prec@1")

@@ -106,8 +106,9 @@ def test_same_step_same_views_other_step_other_views():
 
 
 def test_ensemble_teachers_get_the_same_crop_at_their_own_resolutions():
-    (t384, t224), s = augment.distill_views(_smooth_images(size=64), "funmatch", (64, 32), 32, (0.05, 1.0),
-                                            augment.step_generator(1, 2))
+    (t384, t224), s = augment.distill_views(
+        _smooth_images(size=64), "funmatch", (64, 32), 32, (0.05, 1.0), augment.step_generator(1, 2)
+    )
     assert t384.shape[-1] == 64 and t224.shape[-1] == 32 and torch.equal(t224, s)
 
 
@@ -124,8 +125,9 @@ def test_sharded_views_are_slices_of_the_global_batch(setup):
     images = _images(12)
     full_t, full_s = augment.distill_views(images, setup, (32, 16), 24, (0.05, 1.0), augment.step_generator(5, 9))
     for rank in range(3):
-        t, s = augment.distill_views(images, setup, (32, 16), 24, (0.05, 1.0), augment.step_generator(5, 9),
-                                     shard=(rank, 3))
+        t, s = augment.distill_views(
+            images, setup, (32, 16), 24, (0.05, 1.0), augment.step_generator(5, 9), shard=(rank, 3)
+        )
         part = slice(rank * 4, rank * 4 + 4)
         assert torch.allclose(s, full_s[part], atol=1e-5)
         if setup != "fixed":

@@ -35,8 +35,14 @@ def test_total_steps_and_warmup_cosine():
 def test_weight_decay_only_on_conv_and_linear_kernels():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(4, 2))
     mask = optim.decay_mask(model)
-    assert mask == {"0.weight": True, "0.bias": False, "1.weight": False, "1.bias": False,
-                    "3.weight": True, "3.bias": False}
+    assert mask == {
+        "0.weight": True,
+        "0.bias": False,
+        "1.weight": False,
+        "1.bias": False,
+        "3.weight": True,
+        "3.bias": False,
+    }
 
 
 def test_decoupled_weight_decay_follows_big_vision_not_lr_scaled():

@@ -4,12 +4,13 @@ import torch
 from safetensors.torch import save_file
 
 from funmatch.config import archs
-from funmatch.recipe import models
 from funmatch.errors import CheckpointError, ConfigError
+from funmatch.recipe import models
 
 
 def _bit_npz(model, path, num_classes):
     """Writes `model` in the original BiT .npz key layout (TF names, HWIO kernels)."""
+
     def hwio(w):
         return w.detach().numpy().transpose(2, 3, 1, 0)
 
@@ -78,11 +79,13 @@ def test_npz_of_another_arch_is_refused(tmp_path):
 def test_safetensors_shape_mismatch_names_tensors(tmp_path):
     save_file(models.create_model("bit-r14-mini", 5).state_dict(), str(tmp_path / "a.safetensors"))
     with pytest.raises(CheckpointError, match="does not fit bit-r18-mini"):
-        models.load_init(models.create_model("bit-r18-mini", 5), "bit-r18-mini", str(tmp_path / "a.safetensors"),
-                         load_head=True)
+        models.load_init(
+            models.create_model("bit-r18-mini", 5), "bit-r18-mini", str(tmp_path / "a.safetensors"), load_head=True
+        )
     with pytest.raises(CheckpointError, match="only the head differs"):
-        models.load_init(models.create_model("bit-r14-mini", 3), "bit-r14-mini", str(tmp_path / "a.safetensors"),
-                         load_head=True)
+        models.load_init(
+            models.create_model("bit-r14-mini", 3), "bit-r14-mini", str(tmp_path / "a.safetensors"), load_head=True
+        )
 
 
 def test_fold_weight_standardization_is_exact():

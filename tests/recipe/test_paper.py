@@ -1,4 +1,5 @@
 """The paper's presets and datasets: values pinned to Table 4 / bit_i1k.py; tiny stand-ins of each layout."""
+
 import json
 
 import numpy as np
@@ -8,18 +9,30 @@ from PIL import Image
 from funmatch import config
 from funmatch.app import cli
 from funmatch.data import sources
-from funmatch.stages import prepare
 from funmatch.errors import DataError
+from funmatch.stages import prepare
 
 TABLE4 = {  # dataset: {variant: (epochs, T, lr, wd, student test acc)}
-    "flowers102": {"fast": (10_000, 10, 0.003, 3e-4, 92.83), "medium": (100_000, 1, 0.001, 1e-4, 95.54),
-                   "long": (1_000_000, 1, 0.0003, 1e-5, 96.93)},
-    "pets": {"fast": (1000, 5, 0.01, 1e-3, 88.01), "medium": (3000, 10, 0.003, 3e-4, 90.08),
-             "long": (30_000, 2, 0.003, 1e-5, 91.06)},
-    "food101": {"fast": (100, 10, 0.01, 1e-3, 83.29), "medium": (1000, 10, 0.001, 3e-4, 86.64),
-                "long": (3000, 5, 0.01, 1e-4, 87.20)},
-    "sun397": {"fast": (100, 10, 0.01, 1e-3, 68.28), "medium": (1000, 10, 0.003, 1e-4, 73.46),
-               "long": (3000, 10, 0.01, 3e-5, 74.26)},
+    "flowers102": {
+        "fast": (10_000, 10, 0.003, 3e-4, 92.83),
+        "medium": (100_000, 1, 0.001, 1e-4, 95.54),
+        "long": (1_000_000, 1, 0.0003, 1e-5, 96.93),
+    },
+    "pets": {
+        "fast": (1000, 5, 0.01, 1e-3, 88.01),
+        "medium": (3000, 10, 0.003, 3e-4, 90.08),
+        "long": (30_000, 2, 0.003, 1e-5, 91.06),
+    },
+    "food101": {
+        "fast": (100, 10, 0.01, 1e-3, 83.29),
+        "medium": (1000, 10, 0.001, 3e-4, 86.64),
+        "long": (3000, 5, 0.01, 1e-4, 87.20),
+    },
+    "sun397": {
+        "fast": (100, 10, 0.01, 1e-3, 68.28),
+        "medium": (1000, 10, 0.003, 1e-4, 73.46),
+        "long": (3000, 10, 0.01, 3e-5, 74.26),
+    },
 }
 
 
@@ -30,8 +43,12 @@ def test_small_dataset_presets_equal_table4(dataset):
         d = cfg.distill
         assert (d.epochs, d.temperature, d.lr, d.weight_decay) == (epochs, t, lr, wd)
         assert (d.batch_size, d.warmup_steps, d.setup, d.grad_clip_norm) == (512, 1500, "funmatch", 1.0)
-        assert (cfg.teacher.arch, cfg.student.arch, cfg.teacher.resolution, cfg.student.resolution) == \
-            ("bit-r152x2", "bit-r50x1", 128, 128)
+        assert (cfg.teacher.arch, cfg.student.arch, cfg.teacher.resolution, cfg.student.resolution) == (
+            "bit-r152x2",
+            "bit-r50x1",
+            128,
+            128,
+        )
         assert cfg.expected.value == pytest.approx(acc / 100)
         assert cfg.eval.crop_pct == 0.8  # resize_small(160) | central_crop(128)
 
@@ -39,8 +56,14 @@ def test_small_dataset_presets_equal_table4(dataset):
 def test_imagenet_presets_equal_bit_i1k():
     cfg = config.load("imagenet")
     d = cfg.distill
-    assert (d.batch_size, d.lr, d.weight_decay, d.temperature, d.warmup_steps, d.epochs) == \
-        (4096, 0.03, 3e-4, 1.0, 5000, 1200)
+    assert (d.batch_size, d.lr, d.weight_decay, d.temperature, d.warmup_steps, d.epochs) == (
+        4096,
+        0.03,
+        3e-4,
+        1.0,
+        5000,
+        1200,
+    )
     assert (cfg.teacher.resolution, cfg.student.resolution, cfg.eval.crop_pct) == (224, 224, 0.875)
     assert cfg.data.val_fraction == 0.02  # train[:98%] / train[98%:]
     assert config.load("imagenet-t384-s224").teacher.resolution == 384
@@ -67,6 +90,7 @@ def test_smoke_variant_keeps_the_recipe_on_tiny_models(preset):
         assert getattr(smoke.distill, key) == getattr(full.distill, key)
 
 
+@pytest.mark.slow
 def test_smoke_run_of_a_paper_preset(tmp_path):
     assert cli.main(["run", "--preset", "pets-long", "--set", "smoke=true", "--output", str(tmp_path)]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -74,6 +98,7 @@ def test_smoke_run_of_a_paper_preset(tmp_path):
 
 
 # ---------------------------------------------------------------- tiny stand-ins of each layout
+
 
 def _jpg(path, seed):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,17 +159,25 @@ def _imagenet(root):
                 _jpg(root / split / c / f"{c}_{i}.JPEG", i)
 
 
-@pytest.mark.parametrize("name, build, counts, classes", [
-    ("flowers102", _flowers, (102, 102, 102), 102),
-    ("pets", _pets, (18, 3, 9), 3),  # trainval 21 → train[:90%] / train[90%:] (stratified, per class)
-    ("food101", _food, (14, 2, 4), 2),
-    ("sun397", _sun, (21, 3, 6), 3),  # one pool → 70 / 10 / 20 %
-    ("imagenet", _imagenet, (98, 2, 10), 2),  # train[:98%] / train[98%:] / validation
-])
+@pytest.mark.parametrize(
+    "name, build, counts, classes",
+    [
+        ("flowers102", _flowers, (102, 102, 102), 102),
+        ("pets", _pets, (18, 3, 9), 3),  # trainval 21 → train[:90%] / train[90%:] (stratified, per class)
+        ("food101", _food, (14, 2, 4), 2),
+        ("sun397", _sun, (21, 3, 6), 3),  # one pool → 70 / 10 / 20 %
+        ("imagenet", _imagenet, (98, 2, 10), 2),  # train[:98%] / train[98%:] / validation
+    ],
+)
 def test_paper_dataset_layouts(tmp_path, name, build, counts, classes):
     build(tmp_path / "root")
-    preset = {"flowers102": "flowers102-fast", "pets": "pets-fast", "food101": "food101-fast",
-              "sun397": "sun397-fast", "imagenet": "imagenet"}[name]
+    preset = {
+        "flowers102": "flowers102-fast",
+        "pets": "pets-fast",
+        "food101": "food101-fast",
+        "sun397": "sun397-fast",
+        "imagenet": "imagenet",
+    }[name]
     cfg = config.load(preset, [f"data.root={tmp_path / 'root'}", "data.stored_resolution=8"])
     m = prepare.run(cfg, tmp_path / "out")
     assert m["num_classes"] == classes
@@ -160,25 +193,46 @@ def test_named_dataset_without_root_or_files_is_clear(tmp_path):
 
 # ---------------------------------------------------------------- the reproduction's bookkeeping
 
+
 def _rows(acc):
     from funmatch.config import SETUPS
 
-    return [{"setup": s, "epochs": e, "steps": 1, "test_prec@1": acc[s][i], "test_agree@1": 0.9,
-             "final_train_loss": 0.1, "wall_s": 1.0} for s in SETUPS for i, e in enumerate((10, 30, 90))]
+    return [
+        {
+            "setup": s,
+            "epochs": e,
+            "steps": 1,
+            "test_prec@1": acc[s][i],
+            "test_agree@1": 0.9,
+            "final_train_loss": 0.1,
+            "wall_s": 1.0,
+        }
+        for s in SETUPS
+        for i, e in enumerate((10, 30, 90))
+    ]
 
 
 def test_claims_are_evaluated_from_the_table(tmp_path):
     from funmatch.app import experiment
 
-    paper_like = {"fixed": [0.70, 0.72, 0.71], "independent": [0.70, 0.74, 0.76], "consistent": [0.71, 0.76, 0.79],
-                  "funmatch": [0.69, 0.76, 0.80]}
+    paper_like = {
+        "fixed": [0.70, 0.72, 0.71],
+        "independent": [0.70, 0.74, 0.76],
+        "consistent": [0.71, 0.76, 0.79],
+        "funmatch": [0.69, 0.76, 0.80],
+    }
     assert all(experiment.claims(_rows(paper_like), (10, 30, 90)).values())
     contrary = paper_like | {"funmatch": [0.75, 0.74, 0.73], "fixed": [0.70, 0.75, 0.81]}
     c = experiment.claims(_rows(contrary), (10, 30, 90))
     assert not c["funmatch rises with budget"] and not c["longest budget: consistent > fixed"]
     assert not c["fixed stops improving at the longest budget"]
-    result = {"size": "cpu", "teacher_test_prec@1": 0.85, "rows": _rows(paper_like), "train_images": 2000,
-              "claims": experiment.claims(_rows(paper_like), (10, 30, 90))}
+    result = {
+        "size": "cpu",
+        "teacher_test_prec@1": 0.85,
+        "rows": _rows(paper_like),
+        "train_images": 2000,
+        "claims": experiment.claims(_rows(paper_like), (10, 30, 90)),
+    }
     text = experiment.table(result)
     assert "| funmatch | 0.6900" in text and "**holds**" in text
     experiment.plot(result, tmp_path / "p.png")

@@ -1,4 +1,5 @@
 """The distill loop's callbacks (`distill.Hooks`) and its non-finite loss guard, on demo-tiny (CPU, 7 steps)."""
+
 import json
 import os
 import re
@@ -28,13 +29,21 @@ def test_hooks_see_the_start_every_step_and_every_committed_checkpoint(tmp_path,
     cfg = config.load("demo-tiny", SHORT + ["distill.checkpoint_every_steps=3"])
     ck = tmp_path / "ck"
     events: list[tuple] = []
-    hooks = distill.Hooks(on_start=lambda step, ckpt: events.append(("start", step, ckpt.directory)),
-                          on_step=lambda step: events.append(("step", step)),
-                          on_checkpoint=lambda step, ckpt: events.append(
-                              ("saved", step, all(os.path.exists(f) for f in ckpt.files(step)))))
+    hooks = distill.Hooks(
+        on_start=lambda step, ckpt: events.append(("start", step, ckpt.directory)),
+        on_step=lambda step: events.append(("step", step)),
+        on_checkpoint=lambda step, ckpt: events.append(
+            ("saved", step, all(os.path.exists(f) for f in ckpt.files(step)))
+        ),
+    )
     distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "s", checkpoint_dir=str(ck), hooks=hooks)
-    assert events == ([("start", 0, str(ck))] + [("step", i) for i in range(3)] + [("saved", 3, True)] +
-                      [("step", i) for i in range(3, 6)] + [("saved", 6, True), ("step", 6), ("saved", 7, True)])
+    assert events == (
+        [("start", 0, str(ck))]
+        + [("step", i) for i in range(3)]
+        + [("saved", 3, True)]
+        + [("step", i) for i in range(3, 6)]
+        + [("saved", 6, True), ("step", 6), ("saved", 7, True)]
+    )
 
     for path in CheckpointManager(str(ck), cfg.hash()).files(7):  # resume at step 6: one step left
         Path(path).unlink()
@@ -59,8 +68,9 @@ def test_nan_loss_stops_at_the_log_cadence(tmp_path, dataset_dir, teacher_dir):
     """Logs every 2 steps, checkpoints every 4: the log at step 4 finds step 3 bad, before checkpoint 4."""
     cfg = config.load("demo-tiny", SHORT + ["distill.checkpoint_every_steps=4", "distill.log_every=2"])
     ck = tmp_path / "ck"
-    with pytest.raises(TrainingError, match=re.escape(f"non-finite loss (nan) at step 3; no checkpoint was "
-                                                      f"written in {ck}")):
+    with pytest.raises(
+        TrainingError, match=re.escape(f"non-finite loss (nan) at step 3; no checkpoint was written in {ck}")
+    ):
         distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "s", checkpoint_dir=str(ck), hooks=_nan_at(2))
     assert _checkpoints(ck) == []
     with pytest.raises(TrainingError, match="at step 1; no checkpoint directory was given"):

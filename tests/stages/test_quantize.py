@@ -1,4 +1,5 @@
 """INT8 export (static QDQ, onnxruntime) and `funmatch bench onnx` on the tiny demo models."""
+
 import copy
 import json
 
@@ -40,8 +41,13 @@ def test_int8_model_is_qdq_per_channel_and_published(exported, tmp_path):
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
     inits = {i.name: i for i in model.graph.initializer}
-    weight_dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
-                 and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    weight_dq = [
+        n
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear"
+        and n.input[0] in inits
+        and inits[n.input[0]].data_type == onnx.TensorProto.INT8
+    ]
     conv_count = ops.count("Conv")
     assert len(weight_dq) >= conv_count  # every conv weight is stored as int8
     scales = [numpy_helper.to_array(inits[n.input[1]]) for n in weight_dq]
@@ -110,10 +116,13 @@ def test_refusal_threshold_is_absolute():
     assert "1.50 points" in quantize.int8_refusal(0.80, 0.785, 0.01)
 
 
-@pytest.mark.parametrize("override, words", [
-    ("export.max_int8_drop=1.5", ["export.max_int8_drop", "1.5"]),
-    ("export.calibration_images=0", ["export.calibration_images", "0"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("export.max_int8_drop=1.5", ["export.max_int8_drop", "1.5"]),
+        ("export.calibration_images=0", ["export.calibration_images", "0"]),
+    ],
+)
 def test_int8_config_is_validated(override, words):
     with pytest.raises(config.ConfigError) as e:
         config.load("demo-tiny", [override])
@@ -122,8 +131,27 @@ def test_int8_config_is_validated(override, words):
 
 def test_bench_onnx_tiny(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert cli.main(["bench", "onnx", "--arch", "bit-r14-mini", "--resolution", "32", "--repeats", "3",
-                     "--warmup", "1", "--calibration-images", "16", "--json", str(path)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "onnx",
+                "--arch",
+                "bit-r14-mini",
+                "--resolution",
+                "32",
+                "--repeats",
+                "3",
+                "--warmup",
+                "1",
+                "--calibration-images",
+                "16",
+                "--json",
+                str(path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     for word in ("torch", "ort_fp32", "ort_int8", "ORT fp32 / INT8", "torch / ORT fp32", "random init"):
         assert word in out

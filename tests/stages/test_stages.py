@@ -1,4 +1,5 @@
 """Each stage's core on the bundled data with the demo-tiny preset."""
+
 import json
 
 import numpy as np
@@ -37,6 +38,7 @@ def test_given_teacher_checks_shapes(tmp_path, tiny_cfg, dataset_dir, teacher_di
         finetune.given_teacher(bad, dataset_dir, tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_distill_is_deterministic_and_logs_history(tmp_path, tiny_cfg, dataset_dir, teacher_dir, student_dir):
     again = tmp_path / "again"
     distill.run(tiny_cfg, dataset_dir, teacher_dir, again)
@@ -49,8 +51,9 @@ def test_distill_is_deterministic_and_logs_history(tmp_path, tiny_cfg, dataset_d
 
 @pytest.mark.parametrize("setup", ["fixed", "independent", "consistent"])
 def test_every_setup_trains(tmp_path, dataset_dir, teacher_dir, setup):
-    cfg = config.load("demo-tiny", [f"distill.setup={setup}", "distill.epochs=0.05", "distill.warmup_steps=1",
-                                    "distill.eval_every=0"])
+    cfg = config.load(
+        "demo-tiny", [f"distill.setup={setup}", "distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0"]
+    )
     info = distill.run(cfg, dataset_dir, teacher_dir, tmp_path / setup)
     assert info["setup"] == setup and info["steps"] == 7
 
@@ -112,8 +115,9 @@ def test_several_students_equal_separate_runs_on_the_same_batches(tmp_path, data
     info = distill.run(multi, dataset_dir, teacher_dir, tmp_path / "multi", checkpoint_dir=str(tmp_path / "ck"))
     assert info["extra_students"] == ["extra-1"] and (tmp_path / "ck-extra1").is_dir()
     distill.run(config.load("demo-tiny", base), dataset_dir, teacher_dir, tmp_path / "alone-a")
-    distill.run(config.load("demo-tiny", base + ["student.arch=bit-r18-mini"]), dataset_dir, teacher_dir,
-                tmp_path / "alone-b")
+    distill.run(
+        config.load("demo-tiny", base + ["student.arch=bit-r18-mini"]), dataset_dir, teacher_dir, tmp_path / "alone-b"
+    )
     for together, alone in (("multi", "alone-a"), ("multi/extra-1", "alone-b")):
         a = load_file(str(tmp_path / together / "member-0.safetensors"))
         b = load_file(str(tmp_path / alone / "member-0.safetensors"))
@@ -130,8 +134,10 @@ def test_gate_verdicts():
 
 
 def test_tensorboard_events_and_shampoo(tmp_path, dataset_dir, teacher_dir):
-    cfg = config.load("demo-tiny", ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.optimizer=shampoo",
-                                    "distill.log_every=2"])
+    cfg = config.load(
+        "demo-tiny",
+        ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.optimizer=shampoo", "distill.log_every=2"],
+    )
     distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "s")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -141,16 +147,26 @@ def test_tensorboard_events_and_shampoo(tmp_path, dataset_dir, teacher_dir):
     assert len(losses) == 4 and all(v == v for v in losses)  # steps 2, 4, 6, 7; finite with Shampoo
 
 
+@pytest.mark.slow
 def test_extra_students_are_evaluated_and_exported(tmp_path, dataset_dir, teacher_dir):
-    cfg = config.load("demo-tiny", ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0",
-                                    "distill.extra_students=bit-r14-mini@64"])
+    cfg = config.load(
+        "demo-tiny",
+        [
+            "distill.epochs=0.05",
+            "distill.warmup_steps=1",
+            "distill.eval_every=0",
+            "distill.extra_students=bit-r14-mini@64",
+        ],
+    )
     distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "s")
     metrics = evaluate.run(cfg, dataset_dir, teacher_dir, tmp_path / "s").metrics
     assert "students/bit-r14-mini@64/test/prec@1" in metrics and "students/bit-r14-mini@64/test/agree@1" in metrics
     export.run(cfg, dataset_dir, tmp_path / "s", metrics, tmp_path / "x")
     card = json.loads((tmp_path / "x" / "model.json").read_text())
     assert card["extra_models"] == [{"file": "model-bit-r14-mini-64.onnx", "arch": "bit-r14-mini", "resolution": 64}]
-    session = ort.InferenceSession(str(tmp_path / "x" / "model-bit-r14-mini-64.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(tmp_path / "x" / "model-bit-r14-mini-64.onnx"), providers=["CPUExecutionProvider"]
+    )
     assert session.run(None, {"image": np.zeros((2, 3, 64, 64), np.float32)})[0].shape == (2, 10)
     assert "model-bit-r14-mini-64.onnx" in export.result_files(tmp_path / "x")
 
@@ -167,16 +183,24 @@ def test_readme_consumer_snippet_runs_on_an_export(tmp_path, tiny_cfg, dataset_d
     Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "photo.jpg")
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     snippet = re.search(r"```python\n(import json, numpy.*?)```", readme, re.S).group(1)
-    snippet = snippet.replace("runs/demo/", f"{tmp_path / 'demo'}/").replace('"photo.jpg"', f'"{tmp_path / "photo.jpg"}"')
+    snippet = snippet.replace("runs/demo/", f"{tmp_path / 'demo'}/").replace(
+        '"photo.jpg"', f'"{tmp_path / "photo.jpg"}"'
+    )
     exec(compile(snippet, "README.md", "exec"), {})
     card = json.loads((tmp_path / "demo" / "model.json").read_text())
     assert capsys.readouterr().out.strip().splitlines()[-1] in card["classes"]
 
 
+@pytest.mark.slow
 def test_several_students_resume_together(tmp_path, dataset_dir, teacher_dir):
     """A crash between the students' saves: every student resumes at the first student's step."""
-    base = ["distill.epochs=0.05", "distill.warmup_steps=1", "distill.eval_every=0", "distill.checkpoint_every_steps=3",
-            "distill.extra_students=bit-r18-mini@32"]
+    base = [
+        "distill.epochs=0.05",
+        "distill.warmup_steps=1",
+        "distill.eval_every=0",
+        "distill.checkpoint_every_steps=3",
+        "distill.extra_students=bit-r18-mini@32",
+    ]
     cfg = config.load("demo-tiny", base)
     distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "full")
     ck = tmp_path / "ck"

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from funmatch.storage.checkpoint import CheckpointManager
 from funmatch.errors import CheckpointError
+from funmatch.storage.checkpoint import CheckpointManager
 
 
 def _model_and_opt(seed=0):

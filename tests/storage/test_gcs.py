@@ -1,4 +1,5 @@
 """GCS storage, publishing and pulling against fake-gcs-server on loopback, with injected faults."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -18,7 +19,7 @@ from funmatch.app import cli
 from funmatch.storage import publish
 from gcs_server import FaultProxy, after, fake_gcs, first
 
-T0 = dt.datetime(2026, 11, 26, 3, 0, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 26, 3, 0, 0, tzinfo=dt.UTC)
 MIB = 1024 * 1024
 
 
@@ -31,9 +32,14 @@ def emulator():
 @pytest.fixture
 def gcs(emulator, monkeypatch):
     """A fresh bucket; fast retries (50 ms first backoff, 5 s per-request timeout, 15 s deadline)."""
-    for key, value in {"STORAGE_EMULATOR_HOST": emulator, "FUNMATCH_GCS_DEADLINE_S": "15",
-                       "FUNMATCH_GCS_TIMEOUT_S": "5", "FUNMATCH_GCS_BACKOFF_S": "0.05",
-                       "FUNMATCH_GCS_MAX_BACKOFF_S": "0.2", "FUNMATCH_GCS_CHUNK_MIB": "1"}.items():
+    for key, value in {
+        "STORAGE_EMULATOR_HOST": emulator,
+        "FUNMATCH_GCS_DEADLINE_S": "15",
+        "FUNMATCH_GCS_TIMEOUT_S": "5",
+        "FUNMATCH_GCS_BACKOFF_S": "0.05",
+        "FUNMATCH_GCS_MAX_BACKOFF_S": "0.2",
+        "FUNMATCH_GCS_CHUNK_MIB": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("FUNMATCH_GIT_COMMIT", raising=False)
     name = f"fm-{uuid4().hex[:12]}"
@@ -64,11 +70,20 @@ def direct(gcs, monkeypatch):
 def make_bundle(directory: Path, onnx_bytes: bytes = b"", config_hash: str = "fac859a8db4f9e5c") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "model.onnx").write_bytes(onnx_bytes or os.urandom(200_000))
-    card = {"format": "funmatch-model/1", "file": "model.onnx", "classes": ["cat", "dog", "fox"],
-            "input": {"name": "image", "shape": ["batch", 3, 32, 32], "dtype": "float32", "layout": "NCHW"},
-            "student": {"arch": "resnet50", "resolution": 32}, "metrics": {"student/test/prec@1": 0.8455},
-            "preset": "demo-tiny", "config_hash": config_hash, "package": {"name": "funmatch", "version": "0.1.0"},
-            "dataset": {"manifest_sha256": "ab" * 32}, "git_commit": "0123abc", "created": "2026-11-26T02:00:00Z"}
+    card = {
+        "format": "funmatch-model/1",
+        "file": "model.onnx",
+        "classes": ["cat", "dog", "fox"],
+        "input": {"name": "image", "shape": ["batch", 3, 32, 32], "dtype": "float32", "layout": "NCHW"},
+        "student": {"arch": "resnet50", "resolution": 32},
+        "metrics": {"student/test/prec@1": 0.8455},
+        "preset": "demo-tiny",
+        "config_hash": config_hash,
+        "package": {"name": "funmatch", "version": "0.1.0"},
+        "dataset": {"manifest_sha256": "ab" * 32},
+        "git_commit": "0123abc",
+        "created": "2026-11-26T02:00:00Z",
+    }
     (directory / "model.json").write_text(json.dumps(card))
     (directory / "metrics.json").write_text(json.dumps({"student/test/prec@1": 0.8455}))
     return directory
@@ -181,8 +196,9 @@ def test_publish_and_pull_round_trip(gcs, bundle, tmp_path, capsys):
     assert pub.version == "0.1.0-fac859a8db4f9e5c-20261126T030000Z" and pub.latest_moved
     assert pub.uri == f"{base}/{pub.version}/"
     assert sorted(storage.list_files(base)) == sorted(
-        [f"{base}/latest.json"] + [f"{base}/{pub.version}/{n}" for n in
-                                   ("model.onnx", "model.json", "metrics.json", "SHA256SUMS")])
+        [f"{base}/latest.json"]
+        + [f"{base}/{pub.version}/{n}" for n in ("model.onnx", "model.json", "metrics.json", "SHA256SUMS")]
+    )
     latest = json.loads(storage.read_bytes(f"{base}/latest.json"))
     sums = storage.read_bytes(f"{base}/{pub.version}/SHA256SUMS")
     assert latest["version"] == pub.version and latest["sha256sums"] == hashlib.sha256(sums).hexdigest()
@@ -228,8 +244,10 @@ def test_pull_refuses_a_checksum_mismatch(gcs, bundle, tmp_path, capsys, tamper)
     assert cli.main(["pull", base, str(dest)]) == 2
     err = one_line_error(capsys)
     if tamper == "file":
-        assert f"{base}/{pub.version}/model.onnx: sha256 {hashlib.sha256(evil).hexdigest()} does not match " \
-               f"SHA256SUMS ({sha(bundle / 'model.onnx')})" in err
+        assert (
+            f"{base}/{pub.version}/model.onnx: sha256 {hashlib.sha256(evil).hexdigest()} does not match "
+            f"SHA256SUMS ({sha(bundle / 'model.onnx')})" in err
+        )
     else:
         assert "SHA256SUMS: sha256" in err and "does not match latest.json's sha256sums" in err
     assert not dest.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
@@ -300,8 +318,10 @@ def test_racing_publishers_newest_wins_through_the_precondition(gcs, tmp_path, m
     def run(name, created):
         results[name] = publish.publish(make_bundle(tmp_path / name), base, created=created)
 
-    threads = [threading.Thread(target=run, name=n, args=(n, T0 + dt.timedelta(minutes=m)))
-               for n, m in (("older", 0), ("newer", 1))]
+    threads = [
+        threading.Thread(target=run, name=n, args=(n, T0 + dt.timedelta(minutes=m)))
+        for n, m in (("older", 0), ("newer", 1))
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -335,8 +355,10 @@ def test_many_racing_publishers_keep_latest_whole(gcs, tmp_path):
 
     watcher = threading.Thread(target=reader)
     watcher.start()
-    publishers = [threading.Thread(target=publish.publish, args=(b, base), kwargs={"created": c})
-                  for b, c in zip(bundles, created)]
+    publishers = [
+        threading.Thread(target=publish.publish, args=(b, base), kwargs={"created": c})
+        for b, c in zip(bundles, created)
+    ]
     for t in publishers:
         t.start()
     for t in publishers:
@@ -346,12 +368,14 @@ def test_many_racing_publishers_keep_latest_whole(gcs, tmp_path):
     assert not bad and seen
     newest = publish.version_name({"config_hash": "fac859a8db4f9e5c", "package": {"version": "0.1.0"}}, max(created))
     assert json.loads(storage.read_bytes(f"{base}/latest.json"))["version"] == newest
-    assert storage.list_dirs(base) == sorted(publish.version_name(
-        {"config_hash": "fac859a8db4f9e5c", "package": {"version": "0.1.0"}}, c) for c in created)
+    assert storage.list_dirs(base) == sorted(
+        publish.version_name({"config_hash": "fac859a8db4f9e5c", "package": {"version": "0.1.0"}}, c) for c in created
+    )
     for c, b in zip(created, bundles):
         v = publish.version_name({"config_hash": "fac859a8db4f9e5c", "package": {"version": "0.1.0"}}, c)
-        assert sha(Path(publish.pull(f"{base}@{v}", tmp_path / f"p-{v}")["dest"]) / "model.onnx") == \
-            sha(b / "model.onnx")
+        assert sha(Path(publish.pull(f"{base}@{v}", tmp_path / f"p-{v}")["dest"]) / "model.onnx") == sha(
+            b / "model.onnx"
+        )
 
 
 def test_a_version_is_never_overwritten(gcs, tmp_path):
@@ -370,11 +394,15 @@ def test_model_card_provenance(tmp_path, monkeypatch):
     monkeypatch.setenv("FUNMATCH_GIT_COMMIT", "deadbeef")
     p = publish.provenance(tmp_path)
     assert p["dataset"]["manifest_sha256"] == sha(tmp_path / "manifest.json") and p["git_commit"] == "deadbeef"
-    assert abs(dt.datetime.strptime(p["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
-               - dt.datetime.now(dt.timezone.utc)) < dt.timedelta(minutes=1)
+    assert abs(
+        dt.datetime.strptime(p["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC) - dt.datetime.now(dt.UTC)
+    ) < dt.timedelta(minutes=1)
     monkeypatch.delenv("FUNMATCH_GIT_COMMIT")
-    assert publish.provenance(tmp_path / "nowhere") | {"created": None} == \
-        {"dataset": {"manifest_sha256": None}, "git_commit": None, "created": None}
+    assert publish.provenance(tmp_path / "nowhere") | {"created": None} == {
+        "dataset": {"manifest_sha256": None},
+        "git_commit": None,
+        "created": None,
+    }
 
 
 def test_local_create_only_write(tmp_path):
