@@ -13,12 +13,14 @@ def distill(
     teacher: Input[Model],
     checkpoint_root: str,
     accelerator: str,
-    num_accelerators: int,
+    num_accelerators: str,
     trainjob_image: str,
     student: Output[Model],
 ):
     """Distils the teacher into the student; resumes from checkpoint_root after a preemption.
-    `trainjob_image`: the image of a multi-node TrainJob's pods (distill.num_nodes > 1)."""
+    `num_accelerators`: the STRING parameter that also sets the task's GPU limit (the KFP driver reads
+    no other kind there). `trainjob_image`: the image of a multi-node TrainJob's pods (distill.num_nodes > 1)."""
     from funmatch.launch import tasks
 
-    tasks.distill(config, dataset, teacher, checkpoint_root, accelerator, num_accelerators, trainjob_image, student)
+    gpus = int(num_accelerators)
+    tasks.distill(config, dataset, teacher, checkpoint_root, accelerator, gpus, trainjob_image, student)

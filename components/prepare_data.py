@@ -25,7 +25,7 @@ def prepare_data(
     distill_weight_decay: float,
     distill_temperature: float,
     accelerator_type: str,
-    accelerator_count: int,
+    accelerator_count: str,
     dataset: Output[Dataset],
 ) -> NamedTuple("Outputs", [("config", str)]):
     """Resolves the config from the UI parameters (`funmatch.config.pipeline_parameters()`, every one of

@@ -15,12 +15,11 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from funmatch.config import RuntimeConfig
+from funmatch.config import ResourcesConfig, RuntimeConfig
+from funmatch.errors import FunmatchError
 
 if TYPE_CHECKING:
     import torch
-
-log = logging.getLogger("funmatch")
 
 
 def setup_logging() -> None:
@@ -29,30 +28,53 @@ def setup_logging() -> None:
     logging.getLogger("funmatch").setLevel(logging.INFO)
 
 
-def setup(rt: RuntimeConfig) -> torch.device:
-    """Sets up logging, seeds every generator, sets threads and deterministic CPU kernels, picks the device."""
+def setup(rt: RuntimeConfig, resources: ResourcesConfig | None = None) -> torch.device:
+    """Sets up logging, seeds every generator, sets threads and deterministic CPU kernels, picks the device.
+
+    `resources`: what the task was given (a GPU stage passes `cfg.resources`). Never a silent CPU fallback:
+    with GPUs given (`accelerator_count` >= 1) or `runtime.device=cuda*` and no CUDA device to see, the stage
+    stops here, saying why, in one line (FunmatchError). `runtime.device=cpu` always runs on the CPU."""
     import numpy as np
     import torch
 
     setup_logging()
+    device = _device(rt, resources)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # runtime code never downloads
     if rt.num_threads:
         torch.set_num_threads(rt.num_threads)
     random.seed(rt.seed)
     np.random.seed(rt.seed)
     torch.manual_seed(rt.seed)
-    if rt.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(rt.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            log.warning("runtime.device=%s but no CUDA device is visible; using the CPU", rt.device)
-            device = torch.device("cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+def _device(rt: RuntimeConfig, resources: ResourcesConfig | None) -> torch.device:
+    """`runtime.device` on this machine; FunmatchError when CUDA was asked for (or given) and none is seen."""
+    import torch
+
+    if rt.device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda" if rt.device == "auto" else rt.device)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = (
+        f"CUDA sees no device (CUDA_VISIBLE_DEVICES={'unset' if visible is None else repr(visible)}, torch "
+        f"{torch.__version__} {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'built without CUDA'})"
+    )
+    if resources is not None and resources.accelerator_count >= 1:
+        n, kind = resources.accelerator_count, resources.accelerator_type
+        raise FunmatchError(
+            f"runtime: this task was given {n} {kind} (resources.accelerator_count={n}) but {seen}; "
+            "check the pod's GPU limit and node (kubectl describe pod), or run on the CPU with "
+            "resources.accelerator_count=0 or runtime.device=cpu"
+        )
+    if rt.device != "auto":
+        raise FunmatchError(f"runtime: runtime.device={rt.device} but {seen}; use runtime.device=auto or cpu")
+    return torch.device("cpu")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

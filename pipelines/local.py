@@ -27,6 +27,7 @@ from kfp import local
 
 from funmatch.config import Config
 from funmatch.errors import FunmatchError, QualityGateStop
+from funmatch.stages.serving import INFERENCE_SERVICE, SERVING_DIR
 from pipelines.funmatch_pipeline import build, compile_pipeline
 
 LOG_FILE = "run.log"
@@ -96,7 +97,7 @@ def run(cfg: Config, output: str | Path, verbose: bool = False, out: TextIO | No
     start = time.perf_counter()
     target = Path(output).resolve()
     target.mkdir(parents=True, exist_ok=True)
-    compile_pipeline(cfg, str(target / "pipeline.yaml"))
+    compile_pipeline(cfg, str(target / "pipeline.yaml"), target="local")
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(target / "pipeline_root"),
@@ -104,8 +105,10 @@ def run(cfg: Config, output: str | Path, verbose: bool = False, out: TextIO | No
         cache_root=str(target / ".kfp_cache"),
         raise_on_error=True,
     )
-    for stale in [*target.glob("model*.onnx"), target / "model.json", target / "metrics.json", target / "SHA256SUMS"]:
-        stale.unlink(missing_ok=True)  # what is there afterwards is this run's (INT8, extra students too)
+    stale = [*target.glob("model*.onnx"), *(target / n for n in ("model.json", "metrics.json", "SHA256SUMS"))]
+    for path in [*stale, target / INFERENCE_SERVICE]:
+        path.unlink(missing_ok=True)  # what is there afterwards is this run's (INT8, extra students too)
+    shutil.rmtree(target / SERVING_DIR, ignore_errors=True)
     with open(target / LOG_FILE, "w") as log:
         console = Console(log, out or sys.stdout, verbose)
         with warnings.catch_warnings(), contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):

@@ -132,7 +132,9 @@ class FaultProxy:
     def __init__(self, upstream: str, plan: Plan | None = None, max_requests: int = 1000, lifetime_s: float = 60.0):
         self.upstream = upstream.rstrip("/")
         parsed = urllib.parse.urlsplit(self.upstream)
-        self._target = (parsed.hostname, parsed.port)
+        if parsed.hostname is None:
+            raise ValueError(f"upstream {upstream!r} names no host")
+        self._target = (parsed.hostname, parsed.port)  # port None: the scheme's default
         self.plan = plan or (lambda method, path, body: None)
         self.max_requests = max_requests
         self.log: list[tuple[str, str, str]] = []  # (method, path, "forwarded" | fault)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import io
 import json
 import os
@@ -147,11 +148,11 @@ def bench_onnx(
             feed = {export.INPUT_NAME: x.numpy()}
             with torch.inference_mode():
                 log(f"batch {b}: torch eager")
-                latency["torch"][str(b)] = timings(lambda: model(x), warmup, repeats)
+                latency["torch"][str(b)] = timings(functools.partial(model, x), warmup, repeats)
                 want = model(x).numpy()
             for engine, sess in sessions.items():
                 log(f"batch {b}: {engine}")
-                latency[engine][str(b)] = timings(lambda: sess.run(None, feed), warmup, repeats)
+                latency[engine][str(b)] = timings(functools.partial(sess.run, None, feed), warmup, repeats)
             got = sessions["ort_int8"].run(None, feed)[0]
             fp32 = sessions["ort_fp32"].run(None, feed)[0]
             agree[str(b)] = {

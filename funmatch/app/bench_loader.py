@@ -72,7 +72,7 @@ def measure(dataset: Path, device: torch.device, batch_size: int, steps: int, wo
     )
     warm = batches.workers
     t0 = 0.0
-    for i, batch in enumerate(batches.iterate(0, warm + steps)):
+    for i, batch in enumerate(batches.iterate(0, warm + steps)):  # noqa: B007 (the last one's shape is reported)
         if i == warm - 1:
             runtime.synchronize(device)
             t0 = time.perf_counter()

@@ -1,8 +1,13 @@
 """The `funmatch` command line.
 
     funmatch run [--preset NAME] [--set KEY=VALUE ...] [--output DIR]   compile the DAG and run it locally
-    funmatch compile [--preset NAME] [--set ...] --output pipeline.yaml  KFP IR YAML for the Kubeflow UI
+    funmatch compile [--preset NAME] [--set ...] --output pipeline.yaml [--no-cache]  KFP IR for the Kubeflow UI
     funmatch presets [--json]                                            presets, expectations, configs
+    funmatch pull gs://BUCKET/models/NAME[@VERSION|@latest] DIR          a published model, sha256-verified
+    funmatch submit --host URL [--namespace NS] [--cache] [--preset ...] [--set ...] [--publish-uri URI]
+                                                    upload the pipeline version, start a run (caching off)
+    funmatch schedule --host URL --cron CRON6 [--name NAME] [--namespace NS] [--cache] [--preset ...] [--set ...]
+                                                    create or update a recurring run (caching off)
     funmatch fault-test [--preset demo-tiny] [--kills 5] [--signal KILL|TERM|both] [--json PATH]
                                                     kill distill at random steps, resume, compare weights
     funmatch stage distill --config-json JSON --dataset URI --teacher URI --output URI
@@ -64,6 +69,11 @@ def parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="write the KFP IR YAML to upload in the Kubeflow UI")
     _config_args(comp)
     comp.add_argument("--output", required=True, metavar="PIPELINE_YAML")
+    comp.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="turn KFP caching off on every task (the IR `funmatch submit` and `schedule` upload)",
+    )
 
     exp = sub.add_parser("experiment", help="small-scale reproductions of the paper's claims")
     exp.add_argument("name", choices=["teaching-setups"], help="teaching-setups: the four setups at three budgets")
@@ -200,14 +210,27 @@ def parser() -> argparse.ArgumentParser:
         kp = sub.add_parser(
             verb,
             help=text,
-            description=f"{text}. The pipeline version is named <package version>-"
-            "<config hash> and reused when it exists. Auth: KF_PIPELINES_TOKEN, else the service "
-            "account token file (KF_PIPELINES_SA_TOKEN_PATH), else Google default credentials.",
+            description=f"{text}. The pipeline version is named <package version>-<config hash>-nocache "
+            "and reused when it exists; its IR has KFP caching off on every task, so each run retrains "
+            "every stage (--cache: caching on, version <package version>-<config hash>). Auth: "
+            "KF_PIPELINES_TOKEN, else the service account token file (KF_PIPELINES_SA_TOKEN_PATH), else "
+            "Google default credentials.",
         )
         _config_args(kp)
         kp.add_argument("--host", required=True, metavar="URL", help="KFP API endpoint, e.g. https://HOST/pipeline")
         kp.add_argument("--experiment", default="funmatch", metavar="NAME", help="experiment (default: funmatch)")
-        kp.add_argument("--namespace", default=None, help="profile namespace on a multi-user KFP")
+        kp.add_argument(
+            "--namespace",
+            default=None,
+            metavar="NS",
+            help="Kubeflow profile namespace (multi-user KFP): the pipeline, its versions, the experiment and "
+            "the runs are created there (default: none, single-user KFP)",
+        )
+        kp.add_argument(
+            "--cache",
+            action="store_true",
+            help="let KFP reuse cached stages of earlier runs with the same inputs (default: off, every stage reruns)",
+        )
         kp.add_argument(
             "--publish-uri",
             default="",
@@ -261,8 +284,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from pipelines.funmatch_pipeline import compile_pipeline
 
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    compile_pipeline(cfg, args.output)
-    print(f"funmatch: wrote {args.output} (preset {cfg.preset}, config {cfg.hash()})")
+    compile_pipeline(cfg, args.output, caching=not args.no_cache)
+    print(
+        f"funmatch: wrote {args.output} (preset {cfg.preset}, config {cfg.hash()}, "
+        f"KFP caching {'off' if args.no_cache else 'on'})"
+    )
     return 0
 
 

@@ -134,7 +134,7 @@ def claims(rows: list[dict], budgets: tuple[int, ...]) -> dict[str, bool]:
         "longest budget: consistent > independent": acc["consistent", longest] > acc["independent", longest],
         "longest budget: consistent > fixed": acc["consistent", longest] > acc["fixed", longest],
         "funmatch rises with budget": all(
-            acc["funmatch", a] < acc["funmatch", b] for a, b in zip(budgets, budgets[1:])
+            acc["funmatch", a] < acc["funmatch", b] for a, b in zip(budgets, budgets[1:], strict=False)
         ),
         "fixed stops improving at the longest budget": acc["fixed", longest] <= acc["fixed", budgets[-2]] + 0.005,
     }
@@ -168,7 +168,7 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for setup in SETUPS:
         pts = sorted((r["epochs"], r["test_prec@1"]) for r in result["rows"] if r["setup"] == setup)
-        ax.plot(*zip(*pts), marker="o", label=setup)
+        ax.plot(*zip(*pts, strict=True), marker="o", label=setup)
     ax.axhline(result["teacher_test_prec@1"], color="gray", ls="--", label="teacher")
     ax.set_xscale("log")
     ax.set_xlabel("distillation epochs")

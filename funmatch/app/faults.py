@@ -113,6 +113,8 @@ class _Attempt:
         self.wall_s = 0.0
 
     def run(self, kill_at: int | None, sig: signal.Signals | None, jitter: float) -> _Attempt:
+        if kill_at is not None and sig is None:
+            raise ValueError(f"kill_at={kill_at} needs a signal to send")
         start = time.perf_counter()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_path, "w") as log:
@@ -126,6 +128,8 @@ class _Attempt:
             watchdog.start()
             step_starts: list[float] = []
             try:
+                if proc.stdout is None:  # stdout=PIPE above always opens one
+                    raise RuntimeError(f"no stdout pipe from {self.cmd}")
                 for line in proc.stdout:
                     words = line.split()
                     if not words or words[0] != TAG:
@@ -143,10 +147,10 @@ class _Attempt:
                         step = values[0]
                         self.completed = max(self.completed, step)
                         step_starts.append(time.perf_counter())
-                        if kill_at is not None and self.signalled_at is None and step >= kill_at:
+                        if kill_at is not None and sig is not None and self.signalled_at is None and step >= kill_at:
                             # land inside the step: a fraction of a steady step (the first one after a
                             # start includes warm-up and is not counted); none known yet: at its start
-                            steady = [b - a for a, b in zip(step_starts[1:], step_starts[2:])]
+                            steady = [b - a for a, b in zip(step_starts[1:], step_starts[2:], strict=False)]
                             if jitter and steady:
                                 time.sleep(jitter * min(steady))
                             if proc.poll() is None:
@@ -326,7 +330,7 @@ def fault_test(
         committed: dict[int, int] = {}  # step -> bytes, checkpoints some worker announced as committed
         records: list[dict[str, Any]] = []
         attempts: list[_Attempt] = []
-        pending = list(zip(targets, jitters))
+        pending = list(zip(targets, jitters, strict=True))
         while True:
             if len(attempts) > kills + 2:
                 raise FaultTestError(f"SIG{name}: the worker did not finish after {len(attempts)} starts")

@@ -1,14 +1,24 @@
 """Submitting and scheduling the pipeline on a Kubeflow Pipelines cluster (KFP v2beta1 REST API, kfp.Client).
 
 `funmatch submit` compiles the DAG for a config, uploads it as a version of the pipeline `funmatch`
-named `<package version>-<config hash>` (a sha256 of the whole resolved config, resources included,
-since every key lands in the IR; the model card's config_hash covers only result-relevant keys), and
-starts a run in an experiment. An existing version of that name is reused, so submitting the same config twice uploads once; its description records the IR's
-sha256, and a same-named version whose IR differs (code or FUNMATCH_IMAGE_* changed without a
-version bump) is refused rather than run stale. `funmatch schedule` does the same upload and then
-creates the recurring run `--name` (6-field cron, seconds first), or replaces one of that name whose
-version, cron or parameters differ: the new one is created before the old one is deleted, so a
-failure never leaves no schedule.
+named `<package version>-<config hash>-nocache` (a sha256 of the whole resolved config, resources
+included, since every key lands in the IR; the model card's config_hash covers only result-relevant
+keys), and starts a run in an experiment. The IR is compiled with KFP's caching off on every task:
+KFP's cache key is a task's parameters and input artifacts, so with caching on a scheduled run of an
+unchanged config would hit the cache for every stage but export and republish the same model. The
+v2beta1 API has no per-run caching field for a run of a pipeline version (kfp.Client's
+`enable_caching` only rewrites an inline pipeline spec), so the setting lives in the version's IR;
+`--cache` compiles with caching on, as the version without the `-nocache` suffix (the IRs differ).
+An existing version of that name is reused, so submitting the same config twice uploads once; its
+description records the IR's sha256, and a same-named version whose IR differs (code or
+FUNMATCH_IMAGE_* changed without a version bump) is refused rather than run stale.
+`funmatch schedule` does the same upload and then creates the recurring run `--name` (6-field cron,
+seconds first), or replaces one of that name whose version, cron or parameters differ: the new one
+is created before the old one is deleted, so a failure never leaves no schedule.
+
+`--namespace NS` (multi-user Kubeflow): the pipeline, its versions, the experiment, runs and
+recurring runs are all created in the profile namespace NS (pipelines listed and uploaded with
+`namespace`, the experiment and the recurring run carry it, runs follow their experiment).
 
 Auth, never from the command line: the token in `KF_PIPELINES_TOKEN`; else the projected service
 account token file (`KF_PIPELINES_SA_TOKEN_PATH`, default /var/run/secrets/kubeflow/pipelines/token);
@@ -97,12 +107,12 @@ def _google_token() -> tuple[str | None, str]:
                 return id_token.fetch_id_token(request, audience), f"Google ID token for audience {audience}"
             except gexc.DefaultCredentialsError:  # user credentials: their refresh carries an ID token
                 creds.refresh(request)
-                if getattr(creds, "id_token", None):
-                    return creds.id_token, "Google ID token (user credentials)"
+                if user_id_token := getattr(creds, "id_token", None):
+                    return user_id_token, "Google ID token (user credentials)"
                 raise KfpError(
                     f"KF_PIPELINES_IAP_OAUTH2_CLIENT_ID={audience!r} asks for an ID token, but the "
                     "default credentials cannot mint one; use a service account or set KF_PIPELINES_TOKEN"
-                )
+                ) from None
         creds.refresh(request)
         return creds.token, "Google access token"
     except gexc.GoogleAuthError as e:
@@ -199,34 +209,68 @@ def _pages(list_call, field: str):
 # ---------------------------------------------------------------- pipeline versions, runs, schedules
 
 
-def pipeline_version_name(cfg: config.Config) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', __version__)}-{cfg.hash(everything=True)}"
+def pipeline_version_name(cfg: config.Config, caching: bool = False) -> str:
+    """`<package version>-<config hash>`, plus `-nocache` for an IR compiled with caching off."""
+    name = f"{re.sub(r'[^A-Za-z0-9._-]', '_', __version__)}-{cfg.hash(everything=True)}"
+    return name if caching else f"{name}-nocache"
 
 
-def compile_ir(cfg: config.Config, directory: str) -> tuple[str, str]:
-    """(path of the compiled IR YAML, its sha256)."""
+def compile_ir(cfg: config.Config, directory: str, caching: bool = False) -> tuple[str, str]:
+    """(path of the IR YAML compiled for the cluster, KFP caching on or off on every task; its sha256)."""
 
     path = os.path.join(directory, "pipeline.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        compile_pipeline(cfg, path)
+        compile_pipeline(cfg, path, target="cluster", caching=caching)
     return path, hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def ensure_version(client, host: str, cfg: config.Config, package: str, ir_sha: str) -> dict:
-    """The pipeline and its version for `cfg`, uploaded only when missing."""
-    name = pipeline_version_name(cfg)
+def _pipeline_id(client, host: str, namespace: str | None) -> str | None:
+    """The id of the pipeline `funmatch` (in `namespace`, when given), or None."""
     with _api_errors(host, f"look up pipeline {PIPELINE_NAME!r}"):
-        pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+        found = [
+            p
+            for p in _pages(
+                lambda token: client.list_pipelines(
+                    page_token=token, page_size=100, filter=_name_filter(PIPELINE_NAME), namespace=namespace
+                ),
+                "pipelines",
+            )
+            if p.display_name == PIPELINE_NAME
+        ]
+    if len(found) > 1:
+        raise KfpError(
+            f"KFP at {host} has {len(found)} pipelines named {PIPELINE_NAME!r}"
+            f"{' in namespace ' + namespace if namespace else ''}; expected one, delete the others"
+        )
+    return found[0].pipeline_id if found else None
+
+
+def ensure_version(
+    client,
+    host: str,
+    cfg: config.Config,
+    package: str,
+    ir_sha: str,
+    namespace: str | None = None,
+    caching: bool = False,
+) -> dict:
+    """The pipeline (in `namespace`, when given) and its version for `cfg`, uploaded only when missing."""
+    name = pipeline_version_name(cfg, caching)
+    pipeline_id = _pipeline_id(client, host, namespace)
     if pipeline_id is None:
         with _api_errors(host, f"create pipeline {PIPELINE_NAME!r}"):
             pipeline_id = client.upload_pipeline(
-                package, pipeline_name=PIPELINE_NAME, description="funmatch: patient and consistent distillation"
+                package,
+                pipeline_name=PIPELINE_NAME,
+                description="funmatch: patient and consistent distillation",
+                namespace=namespace,
             ).pipeline_id
     existing = _find_version(client, host, pipeline_id, name)
     if existing is None:
         description = (
-            f"funmatch {__version__}, preset {cfg.preset}, config {cfg.hash(everything=True)}; IR sha256 {ir_sha}"
+            f"funmatch {__version__}, preset {cfg.preset}, config {cfg.hash(everything=True)}, "
+            f"KFP caching {'on' if caching else 'off'}; IR sha256 {ir_sha}"
         )
         try:
             with _api_errors(host, f"upload pipeline version {name!r}"):
@@ -275,13 +319,16 @@ def _params(publish_uri: str) -> dict:
     return {"publish_uri": publish_uri} if publish_uri else {}
 
 
-def _version_and_experiment(host: str, cfg: config.Config, experiment: str, namespace: str | None):
-    """(client, host, pipeline version, experiment): what submit and schedule both start from."""
-    client = connect(host, namespace)
+def _version_and_experiment(
+    host: str, cfg: config.Config, experiment: str, namespace: str | None, caching: bool
+):  # -> (kfp.Client, host, pipeline version, experiment)
+    """What submit and schedule both start from; the IR is compiled (and the config checked for the
+    cluster) before any request."""
     host = _check_host(host)
     with tempfile.TemporaryDirectory() as tmp:
-        package, ir_sha = compile_ir(cfg, tmp)
-        version = ensure_version(client, host, cfg, package, ir_sha)
+        package, ir_sha = compile_ir(cfg, tmp, caching)
+        client = connect(host, namespace)
+        version = ensure_version(client, host, cfg, package, ir_sha, namespace, caching)
     return client, host, version, _experiment(client, host, experiment, namespace)
 
 
@@ -291,9 +338,11 @@ def submit(
     experiment: str = DEFAULT_EXPERIMENT,
     namespace: str | None = None,
     publish_uri: str = "",
+    caching: bool = False,
 ) -> dict:
-    """Uploads (or reuses) the pipeline version for `cfg` and starts a run; returns ids and the run's URL."""
-    client, host, version, exp = _version_and_experiment(host, cfg, experiment, namespace)
+    """Uploads (or reuses) the pipeline version for `cfg` and starts a run; returns ids and the run's URL.
+    The run's namespace is its experiment's."""
+    client, host, version, exp = _version_and_experiment(host, cfg, experiment, namespace, caching)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     run_name = f"funmatch-{cfg.preset}-{cfg.hash(everything=True)[:8]}-{stamp}"
     with _api_errors(host, f"start run {run_name!r}"):
@@ -321,7 +370,7 @@ def check_cron(cron: str) -> str:
             f"--cron {cron!r} has {len(fields)} fields; expected 6, seconds first "
             f"(second minute hour day-of-month month day-of-week), {example}"
         )
-    for text, (what, low, high, names) in zip(fields, CRON_FIELDS):
+    for text, (what, low, high, names) in zip(fields, CRON_FIELDS, strict=True):
         for part in text.split(","):
             base, _, step = part.partition("/")
             if step and not (step.isdigit() and int(step) > 0):
@@ -351,11 +400,12 @@ def schedule(
     experiment: str = DEFAULT_EXPERIMENT,
     namespace: str | None = None,
     publish_uri: str = "",
+    caching: bool = False,
 ) -> dict:
     """Creates the recurring run `name`, or replaces the one of that name that differs; see the module docstring."""
     cron = check_cron(cron)
     name = name or f"funmatch-{cfg.preset}"
-    client, host, version, exp = _version_and_experiment(host, cfg, experiment, namespace)
+    client, host, version, exp = _version_and_experiment(host, cfg, experiment, namespace, caching)
     params = _params(publish_uri)
     with _api_errors(host, f"list recurring runs named {name!r}"):
         existing = [
@@ -390,18 +440,7 @@ def schedule(
             "action": "unchanged",
         }
     with _api_errors(host, f"create recurring run {name!r}"):
-        created = client.create_recurring_run(
-            exp.experiment_id,
-            name,
-            description=f"funmatch {cfg.preset}: {cron}",
-            cron_expression=cron,
-            max_concurrency=1,
-            no_catchup=True,
-            pipeline_id=version["pipeline_id"],
-            version_id=version["version_id"],
-            params=params,
-            enabled=True,
-        )
+        created = _create_recurring_run(client, exp.experiment_id, name, cfg.preset, cron, version, params, namespace)
     for old in existing:  # after the new one exists: a failure here leaves two, never none
         with _api_errors(host, f"delete the replaced recurring run {old.recurring_run_id}"):
             client.delete_recurring_run(old.recurring_run_id)
@@ -415,25 +454,54 @@ def schedule(
     }
 
 
+def _create_recurring_run(
+    client, experiment_id: str, name: str, preset: str, cron: str, version: dict, params: dict, namespace: str | None
+):  # -> kfp_server_api.V2beta1RecurringRun
+    """What kfp.Client.create_recurring_run sends, plus `namespace`, which multi-user KFP checks access
+    against (the client has no argument for it)."""
+    import kfp_server_api
+
+    body = kfp_server_api.V2beta1RecurringRun(
+        experiment_id=experiment_id,
+        display_name=name,
+        description=f"funmatch {preset}: {cron}",
+        mode=kfp_server_api.RecurringRunMode.ENABLE,
+        trigger=kfp_server_api.V2beta1Trigger(cron_schedule=kfp_server_api.V2beta1CronSchedule(cron=cron)),
+        max_concurrency=1,
+        no_catchup=True,
+        pipeline_version_reference=kfp_server_api.V2beta1PipelineVersionReference(
+            pipeline_id=version["pipeline_id"], pipeline_version_id=version["version_id"]
+        ),
+        runtime_config=kfp_server_api.V2beta1RuntimeConfig(parameters=params),
+        namespace=namespace,
+    )
+    return client.recurring_runs.recurring_run_service_create_recurring_run(recurring_run=body)
+
+
 # ---------------------------------------------------------------- command line
+
+
+def _in(namespace: str | None) -> str:
+    return f" (namespace {namespace})" if namespace else ""
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     cfg = config.load(args.preset, args.overrides)
-    r = submit(args.host, cfg, args.experiment, args.namespace, args.publish_uri)
+    r = submit(args.host, cfg, args.experiment, args.namespace, args.publish_uri, args.cache)
     print(
         f"funmatch: run {r['run_id']} ({r['run_name']}) of pipeline {PIPELINE_NAME} version {r['version']} "
-        f"({'uploaded' if r['uploaded'] else 'reused'}) in experiment {args.experiment}\n  {r['url']}"
+        f"({'uploaded' if r['uploaded'] else 'reused'}) in experiment {args.experiment}{_in(args.namespace)}, "
+        f"KFP caching {'on' if args.cache else 'off'}\n  {r['url']}"
     )
     return 0
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     cfg = config.load(args.preset, args.overrides)
-    r = schedule(args.host, cfg, args.cron, args.name, args.experiment, args.namespace, args.publish_uri)
+    r = schedule(args.host, cfg, args.cron, args.name, args.experiment, args.namespace, args.publish_uri, args.cache)
     print(
         f"funmatch: recurring run {r['name']} ({r['recurring_run_id']}) {r['action']}: cron '{r['cron']}', "
         f"pipeline {PIPELINE_NAME} version {r['version']} ({'uploaded' if r['uploaded'] else 'reused'}), "
-        f"experiment {args.experiment}"
+        f"experiment {args.experiment}{_in(args.namespace)}, KFP caching {'on' if args.cache else 'off'}"
     )
     return 0

@@ -31,12 +31,13 @@ JPEG_DECODERS = ("cpu", "device")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def setting(default: Any, *, hashed: bool = True, parameter: str = "") -> Any:
+def setting(default: Any, *, hashed: bool = True, parameter: str = "", parameter_type: type | None = None) -> Any:
     """A config key with what it declares about itself. `hashed=False`: the key does not change the
     trained weights (logging, checkpoint cadence, device), so it stays out of `Config.hash()` and a run
     may resume with it changed. `parameter`: the name of the pipeline parameter that sets it from the
-    Kubeflow UI (every such key is one input of the DAG and of the data prep task)."""
-    return field(default=default, metadata={"hashed": hashed, "parameter": parameter})
+    Kubeflow UI (every such key is one input of the DAG and of the data prep task); `parameter_type`: that
+    parameter's type when it is not the key's (the data prep task converts it back to the key's)."""
+    return field(default=default, metadata={"hashed": hashed, "parameter": parameter, "parameter_type": parameter_type})
 
 
 @dataclass
@@ -154,13 +155,16 @@ class ResourcesConfig:
     """Cluster settings of the GPU tasks; kfp.local ignores them."""
 
     accelerator_type: str = setting("nvidia.com/gpu", parameter="accelerator_type")
-    accelerator_count: int = setting(1, parameter="accelerator_count")
+    # GPUs of each GPU task (0: a CPU config, no task goes to the GPU pool). A STRING pipeline parameter: the
+    # KFP driver reads a resource field fed by a parameter as a string (resolvePodSpecInputRuntimeParameter
+    # returns GetStringValue(), "" for a NUMBER), and an empty count drops the GPU limit without a word.
+    accelerator_count: int = setting(1, parameter="accelerator_count", parameter_type=str)
     node_selector_key: str = "cloud.google.com/gke-accelerator"
     node_selector_value: str = "nvidia-h100-80gb"
     toleration_key: str = "nvidia.com/gpu"
     shm_size: str = "16Gi"
-    timeout_hours: float = 336.0
-    retries: int = 5
+    timeout_hours: float = 0.0  # one attempt's deadline; 0: derived from the expected budget (task_timeout_hours)
+    retries: int = -1  # attempts after the first, each resuming from the checkpoints; -1: derived (task_retries)
     image: str = ""  # registry/name prefix of the images; empty: funmatch's default
 
 
@@ -264,6 +268,20 @@ def pipeline_parameters() -> dict[str, str]:
     return {f.metadata["parameter"]: key for key, f in _fields().items() if f.metadata.get("parameter")}
 
 
+def pipeline_parameter_types() -> dict[str, type]:
+    """Pipeline parameter name -> its type: the key's, or the `parameter_type` declared on it."""
+    fields, keys = _fields(), all_keys()
+    return {
+        name: fields[key].metadata.get("parameter_type") or keys[key] for name, key in pipeline_parameters().items()
+    }
+
+
+def pipeline_defaults(cfg: Config) -> dict[str, Any]:
+    """Pipeline parameter name -> `cfg`'s value as that parameter's type (the DAG's defaults)."""
+    types = pipeline_parameter_types()
+    return {name: types[name](get(cfg, key)) for name, key in pipeline_parameters().items()}
+
+
 def get(cfg: Config, key: str) -> Any:
     """The value of a dotted key."""
     section, name = key.split(".")
@@ -274,7 +292,7 @@ def all_keys(cls: type = Config, prefix: str = "") -> dict[str, type]:
     """Every dotted leaf key with its type, e.g. {'distill.epochs': float, ...}."""
     out: dict[str, type] = {}
     for name, tp in get_type_hints(cls).items():
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             out.update(all_keys(tp, f"{prefix}{name}."))
         else:
             out[prefix + name] = tp
@@ -306,9 +324,8 @@ def _coerce(key: str, value: Any, tp: type) -> Any:
             value = _number(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+    elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     raise ConfigError(f"{key}: expected {names[tp]}, got {value!r}")
 
@@ -409,6 +426,7 @@ SMOKE: dict[str, Any] = {
     "distill.checkpoint_every_steps": 10,
     "eval.batch_size": 256,
     "runtime.device": "cpu",
+    "resources.accelerator_count": 0,  # a CPU config: no task goes to the GPU pool
     "gate.min_student_acc": 0.0,
     "gate.min_teacher_ratio": 0.0,
 }
@@ -426,6 +444,7 @@ def load(preset: str = "demo", overrides: list[str] | dict[str, Any] | None = No
     if cfg.smoke:
         apply_overrides(cfg, SMOKE)
         apply_overrides(cfg, overrides or [])  # what the user set explicitly still wins
+    _derive_budget(cfg)
     validate(cfg)
     return cfg
 
@@ -455,8 +474,75 @@ def from_json(text: str) -> Config:
     cfg = Config(preset=d.get("preset", ""), description=d.get("description", ""), smoke=d.get("smoke", False))
     for k, v in _flatten({k: v for k, v in d.items() if k not in ("preset", "description", "smoke")}).items():
         _set(cfg, k, v)
+    _derive_budget(cfg)
     validate(cfg)
     return cfg
+
+
+# ---------------------------------------------------------------- task deadlines and retries
+
+# The long tasks (teacher fine-tune, distill, evaluate on the GPU pool) are budgeted from the preset:
+#   work_hours = TIMEOUT_MARGIN x gpu_hours
+#   timeout_hours = ceil(work_hours + START_HOURS), within [MIN_TIMEOUT_HOURS, MAX_TIMEOUT_HOURS]  (0: derived)
+#   retries = max(MIN_RETRIES, attempts - 1 + ceil(work_hours / PREEMPTIBLE_HOURS))              (-1: derived)
+#   attempts = ceil(work_hours / (timeout_hours - START_HOURS)): the attempts the work needs, each one resuming
+#              from checkpoint_root where the deadline (SIGTERM: checkpoint, exit) stopped the one before
+# gpu_hours is the distillation on ONE GPU at the preset's measured rate (`expected.img_per_s`, an H200; more
+# GPUs or nodes only finish sooner, and an accelerator_count typed in the UI cannot shorten it). The margin
+# covers a slower GPU (the pool is H100), evaluations and checkpoints; START_HOURS each attempt's image pull,
+# data copy and compilation; the floor the teacher fine-tune and CPU configs (no rate: demo, smoke variants);
+# the ceiling stops a hung attempt within a day. On top of the attempts the work needs, there is one retry per
+# PREEMPTIBLE_HOURS of work: a preemptible GKE node lives at most 24 h. So (retries + 1) x timeout covers the
+# whole budget. Argo measures a retry window (backoff.maxDuration) from the FIRST attempt's start and gives up
+# after it, so `retry_window_s` covers every attempt, each one's wait for a node (NODE_WAIT_HOURS) and every
+# backoff. The backoff is constant: Argo reads backoff.factor as an integer and KFP sets no cap, so a doubling
+# one would outgrow the run after some twenty retries.
+TIMEOUT_MARGIN = 1.5
+START_HOURS = 1.0
+MIN_TIMEOUT_HOURS = 4.0
+MAX_TIMEOUT_HOURS = 24.0
+MIN_RETRIES = 5
+PREEMPTIBLE_HOURS = 24.0
+NODE_WAIT_HOURS = 1.0
+RETRY_BACKOFF_S = 120  # before each retry: the pool replaces a preempted node
+RETRY_BACKOFF_FACTOR = 1
+
+
+def gpu_hours(cfg: Config) -> float:
+    """Hours the distillation takes on one GPU at the preset's measured rate; 0 for a CPU config or no rate."""
+    e = cfg.expected
+    if cfg.smoke or cfg.resources.accelerator_count < 1 or not e.img_per_s:
+        return 0.0
+    return cfg.distill.epochs * e.train_size / e.img_per_s / 3600
+
+
+def task_timeout_hours(cfg: Config) -> float:
+    """One attempt's deadline of a long task, derived from the budget (see above)."""
+    hours = math.ceil(TIMEOUT_MARGIN * gpu_hours(cfg) + START_HOURS)
+    return min(MAX_TIMEOUT_HOURS, max(MIN_TIMEOUT_HOURS, float(hours)))
+
+
+def task_retries(cfg: Config) -> int:
+    """Retries of a long task with its deadline: the attempts the work needs, plus the preemptions."""
+    work, timeout = TIMEOUT_MARGIN * gpu_hours(cfg), cfg.resources.timeout_hours
+    attempts = max(1, math.ceil(work / max(timeout - START_HOURS, timeout / 2)))  # progress: at least half
+    return max(MIN_RETRIES, attempts - 1 + math.ceil(work / PREEMPTIBLE_HOURS))
+
+
+def retry_window_s(cfg: Config) -> int:
+    """A long task's retry window (Argo's backoff.maxDuration, from the first attempt's start): every attempt
+    with its wait for a node, and every backoff between them."""
+    r = cfg.resources
+    backoffs = sum(RETRY_BACKOFF_S * RETRY_BACKOFF_FACTOR**i for i in range(r.retries))
+    return math.ceil((r.retries + 1) * (r.timeout_hours + NODE_WAIT_HOURS) * 3600) + backoffs
+
+
+def _derive_budget(cfg: Config) -> None:
+    """`resources.timeout_hours=0`, `resources.retries=-1` (the defaults): what the budget needs."""
+    if cfg.resources.timeout_hours == 0:
+        cfg.resources.timeout_hours = task_timeout_hours(cfg)
+    if cfg.resources.retries == -1 and cfg.resources.timeout_hours > 0:
+        cfg.resources.retries = task_retries(cfg)
 
 
 # ---------------------------------------------------------------- validation
@@ -509,8 +595,8 @@ def validate(cfg: Config) -> None:
         t.member_resolutions,
         f"empty or one resolution per teacher.init entry ({len(split_uris(t.init))})",
     )
-    for r in resolutions:
-        archs.check_resolution("teacher.member_resolutions", t.arch, r)
+    for res in resolutions:
+        archs.check_resolution("teacher.member_resolutions", t.arch, res)
     _check(d.source != "demo" or not d.root, "data.root", d.root, "empty when data.source is 'demo'")
     _check(
         t.finetune or bool(split_uris(t.init)),
@@ -591,9 +677,30 @@ def validate(cfg: Config) -> None:
         cfg.gate.min_teacher_ratio >= 0, "gate.min_teacher_ratio", cfg.gate.min_teacher_ratio, "a non-negative ratio"
     )
     r = cfg.resources
-    _check(r.accelerator_count >= 0, "resources.accelerator_count", r.accelerator_count, "a non-negative integer")
-    _check(r.timeout_hours > 0, "resources.timeout_hours", r.timeout_hours, "a positive number")
-    _check(r.retries >= 0, "resources.retries", r.retries, "a non-negative integer")
+    _check(
+        r.accelerator_count >= 0,
+        "resources.accelerator_count",
+        r.accelerator_count,
+        "a non-negative integer (0: CPU only, no task on the GPU pool)",
+    )
+    _check(
+        r.accelerator_count == 0 or r.accelerator_type.strip() != "",
+        "resources.accelerator_type",
+        r.accelerator_type,
+        f"a resource name such as nvidia.com/gpu (resources.accelerator_count={r.accelerator_count})",
+    )
+    _check(
+        r.timeout_hours > 0,
+        "resources.timeout_hours",
+        r.timeout_hours,
+        "a positive number of hours (0 in a preset or --set: derived from the expected budget)",
+    )
+    _check(
+        r.retries >= 0,
+        "resources.retries",
+        r.retries,
+        "a non-negative integer (-1 in a preset or --set: derived from the expected budget)",
+    )
     _check(
         bool(re.fullmatch(r"[0-9]+(\.[0-9]+)?([KMGT]i?)?", r.shm_size)),
         "resources.shm_size",
@@ -656,13 +763,12 @@ def describe_presets() -> dict[str, dict[str, Any]]:
     out = {}
     for name in preset_names():
         cfg = load(name)
-        e = cfg.expected
-        images = cfg.distill.epochs * e.train_size
+        e, hours = cfg.expected, gpu_hours(cfg)
         out[name] = {
             "description": cfg.description,
             "expected": dataclasses.asdict(e),
-            "images_processed": images,
-            "gpu_hours": round(images / e.img_per_s / 3600, 2) if e.img_per_s else None,
+            "images_processed": cfg.distill.epochs * e.train_size,
+            "gpu_hours": round(hours, 2) if hours else None,
             "smoke": f"funmatch run --preset {name} --set smoke=true",
             "config": cfg.to_dict(),
         }

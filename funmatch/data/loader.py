@@ -89,7 +89,7 @@ def decode_packed(packed: tuple[torch.Tensor, torch.Tensor], device: torch.devic
     """(bytes back to back, offsets) → N×S×S×3 uint8 decoded on `device`."""
     blob, offsets = packed
     bounds = offsets.tolist()
-    return prepared.decode_jpegs([blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])], device)
+    return prepared.decode_jpegs([blob[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=False)], device)
 
 
 class Batches:

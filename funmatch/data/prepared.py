@@ -146,9 +146,9 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def decode_jpegs(blobs: Sequence[np.ndarray], device: str | torch.device = "cpu") -> torch.Tensor:
-    """JPEG byte arrays → N×S×S×3 uint8 on `device`: libjpeg-turbo on the CPU, nvJPEG (batched) on
-    a CUDA device. All images of a split have the same size."""
+def decode_jpegs(blobs: Sequence[np.ndarray | torch.Tensor], device: str | torch.device = "cpu") -> torch.Tensor:
+    """JPEG byte arrays (numpy or CPU tensors) → N×S×S×3 uint8 on `device`: libjpeg-turbo on the CPU,
+    nvJPEG (batched) on a CUDA device. All images of a split have the same size."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     tensors = [torch.from_numpy(b if b.flags.writeable else b.copy()) for b in map(np.asarray, blobs)]
@@ -230,7 +230,7 @@ class ShardedImages:
         out: list = [None] * len(idx)
         for s, rows, local in self._by_shard(idx):
             blob, offsets = self.maps[s]
-            for r, i in zip(rows, local):
+            for r, i in zip(rows, local, strict=True):
                 out[r] = np.array(blob[offsets[i] : offsets[i + 1]])
         return out
 
@@ -274,7 +274,8 @@ def load_split(
         images = np.concatenate(
             [
                 source.gather(np.arange(start, start + count))
-                for start, count, _ in zip(source.starts[:-1], source.counts, shards)
+                # `shards` may be a prefix of the split's (limit): strict=False stops at its end
+                for start, count, _ in zip(source.starts[:-1], source.counts, shards, strict=False)
             ]
         )
     return (images, labels) if limit is None else (images[:limit], labels[:limit])

@@ -153,6 +153,8 @@ def folder_source(uri: str) -> Source:
                 )
             _check_classes(uri, classes, empty)
             files[split] = pairs
+        if classes is None:  # unreachable: split_dirs["train"] is a folder the loop above read
+            raise DataError(f"data.source={uri!r}: no split folder was read")
     else:
         classes, pairs, empty = _class_tree(root, all_files)
         _check_classes(uri, classes, empty)
@@ -384,15 +386,15 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > max_pixels:
+            with Image.open(io.BytesIO(data)) as opened:
+                if opened.width * opened.height > max_pixels:
                     raise BadImage(
                         "too_many_pixels",
-                        f"refused: {img.width}x{img.height} is more pixels than data.max_image_pixels={max_pixels}",
+                        f"refused: {opened.width}x{opened.height} is more pixels than "
+                        f"data.max_image_pixels={max_pixels}",
                     )
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                img = to_rgb(img)
+                opened.load()
+                img = to_rgb(ImageOps.exif_transpose(opened))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise BadImage(
                 "too_many_pixels", f"refused: more pixels than data.max_image_pixels={max_pixels} ({e})"
@@ -438,7 +440,7 @@ def decode_files(
     pairs: list[tuple[str, int]],
     size: int,
     max_pixels: int,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
     workers: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Decodes files in parallel threads (0: 64 for gs:// objects, whose reads mostly wait on the

@@ -127,14 +127,17 @@ def torchrun_distill(cfg: config.Config, dataset: str, teacher: str, out: str, c
 
 
 def evaluate(config_json: str, dataset, teacher, student, metrics, classification, report, html) -> tuple[bool, str]:
-    """Evaluation task; returns the quality gate's (passed, reason)."""
+    """Evaluation task; returns the quality gate's (passed, reason). The report artifact holds every
+    figure; the Metrics and ClassificationMetrics artifacts (what the Kubeflow UI draws) get the
+    UI-sized view, capped above evaluate_stage.UI_MAX_CLASSES classes."""
     result = evaluate_stage.run(config.from_json(config_json), dataset.path, teacher.path, student.path)
     result.write(report.path)
-    for key, value in result.metrics.items():
+    ui = result.ui_view()
+    for key, value in ui.metrics.items():
         metrics.log_metric(key.replace("@", "_at_"), value)  # KFP metric names: no '@'
-    classification.log_confusion_matrix(result.classes, result.confusion)
-    Path(metrics.path).write_text(json.dumps(result.metrics))  # a file, so kfp.local's cache sees the output
-    Path(classification.path).write_text(json.dumps({"classes": result.classes, "matrix": result.confusion}))
+    classification.log_confusion_matrix(ui.classes, ui.confusion)
+    Path(metrics.path).write_text(json.dumps(ui.metrics))  # a file, so kfp.local's cache sees the output
+    Path(classification.path).write_text(json.dumps({"classes": ui.classes, "matrix": ui.confusion}))
     Path(html.path).write_text(result.report_html)
     return result.gate_passed, result.gate_reason
 
@@ -151,11 +154,6 @@ def export(config_json: str, dataset, teacher, student, report, publish_uri: str
     }
     evaluation = json.loads((Path(report.path) / "metrics.json").read_text())  # the evaluate task's artifact
     result = export_stage.run(config.from_json(config_json), dataset.path, student.path, evaluation, model.path, walls)
-    model.metadata.update(
-        {
-            "student_test_prec1": result.metrics["student/test/prec@1"],
-            "onnx_max_abs_diff": result.metrics["export/onnx_max_abs_diff"],
-        }
-    )
+    model.metadata.update(result.metadata())
     if publish_uri:
         model.metadata["published"] = export_stage.publish_result(model.path, publish_uri)  # registries: a version

@@ -1,9 +1,11 @@
 """Distillation on several nodes: the distill task launches a Kubeflow Trainer v2 `TrainJob`.
 
 With `distill.num_nodes > 1` the distill task does not train itself. It creates a `TrainJob`
-(`trainer.kubeflow.org/v1alpha1`, Trainer v2.3) whose `runtimeRef` is the `torch-distributed`
-ClusterTrainingRuntime, waits for it, logs its conditions, and copies the student it wrote into the
-task's output artifact. Each of the TrainJob's `num_nodes` pods runs, in the CUDA image,
+(`trainer.kubeflow.org/v1alpha1`, Trainer v2.3) whose `runtimeRef` is the project's `funmatch-distill`
+ClusterTrainingRuntime (manifests/base/cluster/trainingruntime.yaml: upstream `torch-distributed` plus
+the CUDA image, the priority class and the restart policy), waits for it, logs its conditions, and
+copies the student it wrote into the task's output artifact. Each of the TrainJob's `num_nodes` pods
+runs, in the CUDA image,
 
     torchrun --module funmatch stage distill --config-json JSON --dataset URI --teacher URI
              --output URI --checkpoint-dir URI --cache-dir /scratch/funmatch
@@ -34,9 +36,9 @@ by that pod, so deleting the pod removes it.
 The launcher's service account needs create/get/list/watch/delete on `trainjobs.trainer.kubeflow.org`
 in its namespace (manifests/base/namespaced/rbac.yaml). The pods run under the same service
 account (read from the launcher's token; `FUNMATCH_TRAINJOB_SERVICE_ACCOUNT` overrides), so they
-have its GCS access. `FUNMATCH_TRAINJOB_RUNTIME` names another runtime than `torch-distributed`
-(e.g. the project's `funmatch-distill`, manifests/base/cluster/trainingruntime.yaml); it must have
-the replicated job and container `node`.
+have its GCS access. `FUNMATCH_TRAINJOB_RUNTIME` names another runtime than `funmatch-distill` (e.g.
+the upstream `torch-distributed`, without the priority class); it must have the replicated job and
+container `node`.
 
 `kubernetes` and `kubeflow_trainer_api` are imported inside the functions that use them.
 """
@@ -65,7 +67,7 @@ log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 API_VERSION = f"{GROUP}/{VERSION}"
-RUNTIME = "torch-distributed"  # the standard ClusterTrainingRuntime of Trainer v2
+RUNTIME = "funmatch-distill"  # the ClusterTrainingRuntime of manifests/base/cluster (a test keeps them equal)
 NODE = "node"  # the runtime's replicated job and container name (trainjob-ancestor-step: trainer)
 MANAGER = "funmatch.dev/distill-launcher"  # owner of our runtimePatches entry
 MARKER = "_FUNMATCH_COMPLETE"  # written last into a copied tree
@@ -333,7 +335,7 @@ def current_namespace() -> str:
 
         _, context = kube_config.list_kube_config_contexts()
         return context.get("context", {}).get("namespace") or "default"
-    except Exception:  # no kubeconfig: nothing better to go on
+    except Exception:  # noqa: BLE001 (no or a broken kubeconfig: nothing better to go on)
         return "default"
 
 
@@ -376,8 +378,9 @@ def _explain(e, what: str, namespace: str) -> TrainJobError:
 
 def _short(e: BaseException) -> str:
     """An exception in one line (ApiException's str is a multi-line dump)."""
-    if getattr(e, "status", None) is not None and hasattr(e, "reason"):
-        return f"HTTP {e.status} {e.reason}"
+    status = getattr(e, "status", None)
+    if status is not None and hasattr(e, "reason"):
+        return f"HTTP {status} {getattr(e, 'reason', '')}"
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -403,7 +406,7 @@ def _get_patiently(api, namespace: str, name: str, outage_s: float, retry_s: flo
             return _get(api, namespace, name)
         except TrainJobError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 (any API-server or network failure is retried until outage_s)
             since = since or time.monotonic()
             if time.monotonic() - since > outage_s:
                 raise TrainJobError(
@@ -529,7 +532,7 @@ def wait(
             if e.status != 410:  # 410 Gone: the resourceVersion expired; GET again
                 log.warning("watching TrainJob %s/%s: %s; retrying in %gs", namespace, name, _short(e), retry_s)
                 time.sleep(retry_s)
-        except Exception as e:  # connection reset, proxy timeout: the next GET catches up
+        except Exception as e:  # noqa: BLE001 (connection reset, proxy timeout: the next GET catches up)
             log.warning("watching TrainJob %s/%s: %s; retrying in %gs", namespace, name, _short(e), retry_s)
             time.sleep(retry_s)
 
@@ -715,7 +718,7 @@ def run(
 def _delete_quietly(api, namespace: str, name: str) -> None:
     try:
         delete(api, namespace, name)
-    except Exception as e:  # the original error matters more
+    except Exception as e:  # noqa: BLE001 (the original error matters more)
         log.warning("could not delete TrainJob %s/%s: %s", namespace, name, e)
 
 

@@ -13,6 +13,7 @@ images live on the host or on the GPU, and a step's augmentation is a function o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,32 @@ def shard_rows(batch_size: int, setup: str, shard: tuple[int, int] = (0, 1)) -> 
     return torch.cat([(local[:1] - 1) % batch_size, local]) if setup == "funmatch" and world > 1 else local
 
 
+@overload
+def distill_views(
+    images_u8: torch.Tensor,
+    setup: str,
+    teacher_res: int | Sequence[int],
+    student_res: int,
+    area_range: tuple[float, float],
+    generator: torch.Generator,
+    shard: tuple[int, int] = ...,
+    batch_size: int | None = ...,
+) -> tuple[list[torch.Tensor] | None, torch.Tensor]: ...
+
+
+@overload
+def distill_views(
+    images_u8: torch.Tensor,
+    setup: str,
+    teacher_res: int | Sequence[int],
+    student_res: Sequence[int],
+    area_range: tuple[float, float],
+    generator: torch.Generator,
+    shard: tuple[int, int] = ...,
+    batch_size: int | None = ...,
+) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]: ...
+
+
 def distill_views(
     images_u8: torch.Tensor,
     setup: str,
@@ -164,11 +191,13 @@ def distill_views(
         return value_range(flip(crop_resize(x, b[rows], res), f[rows]))
 
     students = [view(boxes, flips, r) for r in ([student_res] if isinstance(student_res, int) else student_res)]
-    teachers = None if setup == "fixed" else [view(t_boxes, t_flips, r) for r in resolutions]
-    if setup == "funmatch":
-        a = mixup_coefficient(generator)
-        mix = (lambda v: mixup(v, a)) if not sharded_mixup else (lambda v: a * v[1:] + (1 - a) * v[:-1])
-        teachers, students = [mix(t) for t in teachers], [mix(v) for v in students]
+    teachers = None
+    if setup != "fixed":
+        teachers = [view(t_boxes, t_flips, r) for r in resolutions]
+        if setup == "funmatch":
+            a = mixup_coefficient(generator)
+            mix = (lambda v: mixup(v, a)) if not sharded_mixup else (lambda v: a * v[1:] + (1 - a) * v[:-1])
+            teachers, students = [mix(t) for t in teachers], [mix(v) for v in students]
     return teachers, (students[0] if isinstance(student_res, int) else students)
 
 

@@ -31,6 +31,7 @@ def create_model(
 ) -> nn.Module:
     """A freshly initialised model; `zero_head` zeroes the classifier (uniform first predictions)."""
     spec = check_arch("arch", arch)
+    model: nn.Module
     if spec.family == "bit":
         from timm.layers import GroupNormAct, StdConv2d
         from timm.models.resnetv2 import ResNetV2
@@ -61,8 +62,10 @@ def create_model(
     if device is not None:
         model.to(device)
     if zero_head:
-        nn.init.zeros_(classifier(model).weight)
-        nn.init.zeros_(classifier(model).bias)
+        head = classifier(model)
+        nn.init.zeros_(head.weight)
+        if head.bias is not None:  # every head here has one; without, the zero weight alone is uniform
+            nn.init.zeros_(head.bias)
     return model
 
 
@@ -78,9 +81,13 @@ def _batchnorm_to_groupnorm(model: nn.Module, groups: int) -> None:
                 setattr(module, name, gn)
 
 
-def classifier(model: nn.Module) -> nn.Module:
+def classifier(model: nn.Module) -> nn.Linear | nn.Conv2d:
     """The final layer (timm models: get_classifier(); torchvision ResNet: fc)."""
-    return model.get_classifier() if hasattr(model, "get_classifier") else model.fc
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else model.fc
+    if not isinstance(head, nn.Linear | nn.Conv2d):
+        raise TypeError(f"{type(model).__name__}: the classifier is a {type(head).__name__}, not a Linear or Conv2d")
+    return head
 
 
 def head_classes(model: nn.Module) -> int:
@@ -107,6 +114,10 @@ def load_init(model: nn.Module, arch: str, path: str, *, load_head: bool) -> Non
     if path.endswith(".npz"):
         if ARCHS[arch].family != "bit" or ARCHS[arch].basic:
             raise CheckpointError(f"{path}: BiT .npz checkpoints need a bottleneck BiT arch, not {arch}")
+        from timm.models.resnetv2 import ResNetV2
+
+        if not isinstance(model, ResNetV2):
+            raise CheckpointError(f"{path}: BiT .npz checkpoints load into a timm ResNetV2, not {type(model).__name__}")
         try:
             head = _npz_head_classes(path)
         except (OSError, ValueError) as e:
@@ -176,16 +187,16 @@ def fold_weight_standardization(model: nn.Module) -> nn.Module:
     """
     from timm.layers import StdConv2d
 
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, StdConv2d):
                 conv = nn.Conv2d(
                     child.in_channels,
                     child.out_channels,
-                    child.kernel_size,
-                    child.stride,
-                    child.padding,
-                    child.dilation,
+                    _pair(child.kernel_size),
+                    _pair(child.stride),
+                    child.padding if isinstance(child.padding, str) else _pair(child.padding),
+                    _pair(child.dilation),
                     child.groups,
                     bias=child.bias is not None,
                     device=child.weight.device,
@@ -195,10 +206,16 @@ def fold_weight_standardization(model: nn.Module) -> nn.Module:
                     w = child.weight.reshape(1, child.out_channels, -1)
                     w = torch.nn.functional.batch_norm(w, None, None, training=True, momentum=0.0, eps=child.eps)
                     conv.weight.copy_(w.reshape_as(child.weight))
-                    if child.bias is not None:
+                    if child.bias is not None and conv.bias is not None:  # conv has a bias iff child has
                         conv.bias.copy_(child.bias)
                 setattr(module, child_name, conv)
     return model
+
+
+def _pair(value: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's (height, width) setting; torch types these as tuple[int, ...]."""
+    height, width = value
+    return height, width
 
 
 def save_weights(model: nn.Module, path: str | Path) -> None:

@@ -100,7 +100,7 @@ def run(
     """
     clock = runtime.Stopwatch()
     k, s, seed = cfg.distill, cfg.student, cfg.runtime.seed
-    rank, world, device = _distributed(runtime.setup(cfg.runtime))  # torchrun: one process per GPU
+    rank, world, device = _distributed(runtime.setup(cfg.runtime, cfg.resources))  # torchrun: one process per GPU
     if k.batch_size % world:
         raise ConfigError(
             f"distill.batch_size={k.batch_size} is not allowed: it must divide evenly over "
@@ -183,7 +183,7 @@ def run(
             ]
         target = hooks.on_targets(step, target)
         lr = k.lr * optim.warmup_cosine(step, k.warmup_steps, steps)
-        for learner, x in zip(learners, s_in):
+        for learner, x in zip(learners, s_in, strict=True):
             learner.step(x, target, lr, amp, k, step + 1)
 
     if start:
@@ -211,7 +211,7 @@ def run(
         _Checkpoints(learners, rank, steps, hooks) as checkpoints,
         _Progress(Path(out_dir), rank, start, steps, k.batch_size) as progress,
     ):
-        for step, images in zip(range(start, steps), batches.iterate(start, steps)):
+        for step, images in zip(range(start, steps), batches.iterate(start, steps), strict=True):
             hooks.on_step(step)
             if step == save_cache_at:  # the first step compiled every graph
                 _save_compile_cache(compile_cache)
@@ -272,9 +272,9 @@ class _Teacher:
 
     def __call__(self, views: list[torch.Tensor], amp: Any) -> torch.Tensor:
         """The (ensembled) logits of one step's views, one view per resolution in `views_of`."""
-        by_res = dict(zip(self.views_of, views))
+        by_res = dict(zip(self.views_of, views, strict=True))
         with torch.no_grad(), amp:
-            return ensemble_logits([t(by_res[r]).float() for t, r in zip(self.forward, self.resolutions)])
+            return ensemble_logits([t(by_res[r]).float() for t, r in zip(self.forward, self.resolutions, strict=True)])
 
     def fixed_targets(self, dataset_dir: str | Path, cfg: Config, device: torch.device) -> torch.Tensor:
         """Logits of every train image's central crop, shard by shard (the split need not fit in memory)."""
@@ -288,7 +288,7 @@ class _Teacher:
                     cfg.eval,
                     device,
                 )
-                for a, c in zip(train.starts[:-1], train.counts)
+                for a, c in zip(train.starts[:-1], train.counts, strict=True)
             ]
         ).to(device)
 
@@ -645,7 +645,7 @@ def _load_compile_cache(uri: str) -> bool:
         return False
     try:
         info = torch.compiler.load_cache_artifacts(storage.read_bytes(uri))
-    except Exception as e:  # a speed-up only: a bad cache file costs a recompile, not the run
+    except Exception as e:  # noqa: BLE001 (a speed-up only: a bad cache file costs a recompile, not the run)
         log.warning("compile cache %s not loaded (%s: %s); compiling afresh", uri, type(e).__name__, e)
         return False
     log.info(

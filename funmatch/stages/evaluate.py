@@ -4,12 +4,18 @@ prec@1 for both models; student–teacher distances on logits at eval preprocess
 `proj.distill.distance`): agree@1 (same argmax), agree@5 (teacher's top-1 in the student's top-5),
 KL(teacher ‖ student) at t=1 and the logits' L2 distance. The teacher runs once per split. The test
 split adds per-class accuracy and the confusion matrix.
+
+The report artifact keeps every figure (`metrics.json`, `confusion.json`). The Kubeflow UI gets
+`Evaluation.ui_view()`: the same for up to UI_MAX_CLASSES classes; above that (ImageNet: 1000) the
+confusion matrix of the UI_TOP_K most confused classes, prec@1 of the UI_TOP_K worst classes, and the
+mean, min and median per-class prec@1, so the UI does not render a 1000×1000 table and 1000 metrics.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +30,10 @@ from funmatch.recipe.metrics import distances, prec1
 
 log = logging.getLogger(__name__)
 
+UI_MAX_CLASSES = 50  # up to this many classes the Kubeflow UI gets every class, as the report does
+UI_TOP_K = 20  # above it: the confusion matrix of the K most confused classes, prec@1 of the K worst
+CLASS_PREC = "student/test/class_prec@1/"  # + class name: the student's per-class test prec@1
+
 
 @torch.no_grad()
 def predict(
@@ -36,7 +46,7 @@ def predict(
     for start in range(0, len(images_u8), ev.batch_size):
         batch = images_u8[start : start + ev.batch_size].to(device)
         views = {r: augment.eval_view(batch, r, ev.crop_pct) for r in set(resolutions)}
-        out.append(torch.stack([m(views[r]).float() for m, r in zip(members, resolutions)]).mean(0).cpu())
+        out.append(torch.stack([m(views[r]).float() for m, r in zip(members, resolutions, strict=True)]).mean(0).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -48,6 +58,38 @@ def resolutions(info: dict) -> list[int]:
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """rows: true class, columns: predicted class."""
     return torch.bincount(target * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def class_metrics(
+    pred: torch.Tensor, target: torch.Tensor, classes: list[str]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The confusion matrix and per-class prec@1 (`student/test/class_prec@1/<class>`; 0 for a class
+    without test images)."""
+    confusion = confusion_matrix(pred, target, len(classes))
+    return confusion, {f"{CLASS_PREC}{c}": float(a) for c, a in zip(classes, _per_class_prec(confusion), strict=True)}
+
+
+def _per_class_prec(confusion: torch.Tensor) -> torch.Tensor:
+    return confusion.diag() / confusion.sum(1).clamp(min=1)
+
+
+def most_confused(confusion: torch.Tensor, k: int) -> list[int]:
+    """Indices (ascending) of the k classes with the most off-diagonal mass: the class's test images
+    predicted as another class (its row) plus other classes' images predicted as it (its column).
+    Ties go to the lower index."""
+    off = confusion.sum(0) + confusion.sum(1) - 2 * confusion.diag()
+    ranked = sorted(range(len(off)), key=lambda i: (-int(off[i]), i))
+    return sorted(ranked[:k])
+
+
+@dataclass(frozen=True)
+class UIView:
+    """What the Kubeflow UI gets (KFP Metrics and ClassificationMetrics): flat metrics, and the classes
+    and confusion matrix (rows: true class) to draw."""
+
+    metrics: dict[str, float]
+    classes: list[str]
+    confusion: list[list[int]]
 
 
 def gate(cfg: Config, metrics: dict) -> tuple[bool, str]:
@@ -64,8 +106,9 @@ def gate(cfg: Config, metrics: dict) -> tuple[bool, str]:
     return True, f"student test prec@1 {s:.4f} (teacher {t:.4f}) passes the gate"
 
 
-def report_html(metrics: dict, student_dir: Path, s_info: dict, t_info: dict, gate_reason: str) -> str:
-    """A self-contained HTML page for the Kubeflow UI: teacher/student table and training curves."""
+def report_html(metrics: dict, student_dir: Path, s_info: dict, t_info: dict, gate_reason: str, note: str = "") -> str:
+    """A self-contained HTML page for the Kubeflow UI: teacher/student table and training curves
+    (and `note`, a paragraph under the gate's verdict)."""
     import base64
     import io
 
@@ -98,11 +141,13 @@ def report_html(metrics: dict, student_dir: Path, s_info: dict, t_info: dict, ga
         fig.savefig(buf, format="png", dpi=90)
         plt.close(fig)
         img = f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    note_html = f"<p>{note}</p>" if note else ""
     return (
         f"<html><body><h3>funmatch: {t_info['arch']}@{t_info['resolution']} → "
         f"{s_info['arch']}@{s_info['resolution']} ({s_info.get('setup', '')}, {s_info.get('steps', '?')} steps)</h3>"
-        f"<p>Quality gate: {gate_reason}</p><table border=1 cellpadding=4><tr><th>split</th><th>teacher prec@1"
-        f"</th><th>student prec@1</th><th>agree@1</th><th>KL</th></tr>{rows}</table>{img}</body></html>"
+        f"<p>Quality gate: {gate_reason}</p>{note_html}<table border=1 cellpadding=4><tr><th>split</th>"
+        "<th>teacher prec@1</th><th>student prec@1</th><th>agree@1</th><th>KL</th></tr>"
+        f"{rows}</table>{img}</body></html>"
     )
 
 
@@ -126,11 +171,31 @@ class Evaluation:
         (out / "confusion.json").write_text(json.dumps({"classes": self.classes, "matrix": self.confusion}))
         (out / "report.html").write_text(self.report_html)
 
+    def ui_view(self, max_classes: int = UI_MAX_CLASSES, k: int = UI_TOP_K) -> UIView:
+        """Everything for up to `max_classes` classes. Above: the confusion matrix restricted to the `k`
+        most confused classes (`most_confused`, in class order), per-class prec@1 only for the `k` worst
+        classes with test images (worst first), and `student/test/class_prec@1_{mean,min,median}` over
+        all classes with test images. The other metrics are kept as they are."""
+        if len(self.classes) <= max_classes or not self.confusion:
+            return UIView(dict(self.metrics), list(self.classes), self.confusion)
+        matrix = torch.tensor(self.confusion, dtype=torch.int64)
+        keep = most_confused(matrix, k)
+        scored = [i for i, n in enumerate(matrix.sum(1).tolist()) if n > 0]
+        prec = _per_class_prec(matrix).tolist()
+        worst = sorted(scored, key=lambda i: (prec[i], i))[:k]
+        metrics = {key: v for key, v in self.metrics.items() if not key.startswith(CLASS_PREC)}
+        metrics.update({f"{CLASS_PREC}{self.classes[i]}": prec[i] for i in worst})
+        values = [prec[i] for i in scored] or [0.0]
+        metrics["student/test/class_prec@1_mean"] = statistics.fmean(values)
+        metrics["student/test/class_prec@1_min"] = min(values)
+        metrics["student/test/class_prec@1_median"] = statistics.median(values)
+        return UIView(metrics, [self.classes[i] for i in keep], matrix[keep][:, keep].tolist())
+
 
 def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path) -> Evaluation:
     """Teacher and student(s) on minitrain, val and test; the gate's verdict on the test split."""
     clock = runtime.Stopwatch()
-    device = runtime.setup(cfg.runtime)
+    device = runtime.setup(cfg.runtime, cfg.resources if cfg.eval.on_gpu else None)
     teachers, t_info = models.load_bundle(teacher_dir, device)
     students, s_info = models.load_bundle(student_dir, device)
     extras = {}
@@ -141,14 +206,14 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
     metrics: dict[str, float] = {}
     confusion = None
     for split in ("minitrain", "val", "test"):
-        images, labels = prepared.load_split(
+        images_np, labels_np = prepared.load_split(
             dataset_dir,
             "train" if split == "minitrain" else split,
             limit=cfg.eval.minitrain_size if split == "minitrain" else None,
         )
-        if len(labels) == 0:
+        if len(labels_np) == 0:
             continue
-        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        images, labels = torch.from_numpy(images_np), torch.from_numpy(labels_np)
         t_logits = predict(teachers, images, resolutions(t_info), cfg.eval, device)
         s_logits = predict(students, images, s_info["resolution"], cfg.eval, device)
         for name, (extra, e_info) in extras.items():  # more students of the same run
@@ -159,9 +224,8 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
         metrics[f"student/{split}/prec@1"] = prec1(s_logits, labels)
         metrics.update({f"student/{split}/{k}": v for k, v in distances(s_logits, t_logits).items()})
         if split == "test":
-            confusion = confusion_matrix(s_logits.argmax(1), labels, len(classes))
-            per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
-            metrics.update({f"student/test/class_prec@1/{c}": float(a) for c, a in zip(classes, per_class)})
+            confusion, per_class = class_metrics(s_logits.argmax(1), labels, classes)
+            metrics.update(per_class)
     metrics["evaluate/wall_s"] = clock()
     passed, reason = gate(cfg, metrics)
     metrics["gate/passed"] = float(passed)
@@ -177,5 +241,16 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
         confusion.tolist() if confusion is not None else [],
         passed,
         reason,
-        report_html(metrics, Path(student_dir), s_info, t_info, reason),
+        report_html(metrics, Path(student_dir), s_info, t_info, reason, ui_note(len(classes))),
+    )
+
+
+def ui_note(num_classes: int) -> str:
+    """What the report page says when the Kubeflow UI shows a capped view ('' when it shows all)."""
+    if num_classes <= UI_MAX_CLASSES:
+        return ""
+    return (
+        f"{num_classes} classes: the Kubeflow UI shows the confusion matrix of the {UI_TOP_K} most confused "
+        f"classes and prec@1 of the {UI_TOP_K} worst (plus mean/min/median); every class and the full matrix "
+        "are in the report artifact (metrics.json, confusion.json)."
     )

@@ -3,13 +3,16 @@
 Weight standardisation is folded into plain conv weights first, the batch axis is dynamic, and the
 ONNX model must reproduce PyTorch's logits on real test images within `export.max_abs_diff`.
 `model.json` tells a consumer with nothing else how to feed the model; `metrics.json` gathers the
-evaluation, the export check and the stage timings.
+evaluation, the export check and the stage timings. `serving/` (a Triton model repository of every
+exported ONNX file) and `inferenceservice.yaml` (KServe) are the serving handoff (funmatch/stages/serving.py).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from funmatch import __version__, runtime
+from funmatch import __version__, runtime, storage
 from funmatch.config import Config
 from funmatch.data import prepared
 from funmatch.errors import FunmatchError
 from funmatch.recipe import augment, models
-from funmatch.stages import quantize
+from funmatch.stages import quantize, serving
 from funmatch.storage import publish
 
 log = logging.getLogger(__name__)
@@ -101,19 +104,39 @@ def model_card(cfg: Config, info: dict, metrics: dict) -> dict:
     }
 
 
-def result_files(bundle_dir: str | Path) -> tuple[str, ...]:
-    """RESULT_FILES plus model.int8.onnx when the export wrote (i.e. accepted) it, plus the ONNX files
-    of a run's further students (model-<arch>-<res>.onnx)."""
+def onnx_files(bundle_dir: str | Path) -> tuple[str, ...]:
+    """model.onnx, model.int8.onnx when the export wrote (i.e. accepted) it, and the ONNX files of a run's
+    further students (model-<arch>-<res>.onnx)."""
     int8 = (quantize.INT8_FILE,) if (Path(bundle_dir) / quantize.INT8_FILE).is_file() else ()
     extras = tuple(sorted(p.name for p in Path(bundle_dir).glob("model-*.onnx")))
-    return RESULT_FILES[:1] + int8 + extras + RESULT_FILES[1:]
+    return RESULT_FILES[:1] + int8 + extras
+
+
+def result_files(bundle_dir: str | Path) -> tuple[str, ...]:
+    """What a publication copies, as POSIX paths relative to the bundle: the ONNX files, the serving
+    repository (serving/...) and inferenceservice.yaml when there, then model.json and metrics.json."""
+    isvc = (serving.INFERENCE_SERVICE,) if (Path(bundle_dir) / serving.INFERENCE_SERVICE).is_file() else ()
+    return onnx_files(bundle_dir) + serving.repository_files(bundle_dir) + isvc + RESULT_FILES[1:]
 
 
 def publish_result(bundle_dir: str | Path, uri: str) -> str:
     """Copies the result files to a directory or gs:// prefix, SHA256SUMS last (its presence marks a
     complete publication); `gs://<bucket>/models/<name>` gets a new immutable version and a moved
-    latest.json (funmatch/storage/publish.py). Returns where the files are."""
-    return publish.publish(bundle_dir, uri, files=result_files(bundle_dir)).uri
+    latest.json (funmatch/storage/publish.py). inferenceservice.yaml is first rewritten (in the bundle
+    too) to serve from where the files go: the version's prefix, or the flat target. A local flat target
+    loses its old serving/ first: Triton loads every model there, and one the bundle lacks is stale
+    (e.g. an INT8 model this run refused). Returns where the files are."""
+    created = dt.datetime.now(dt.UTC)
+    base = publish.registry_base(uri)
+    if base is None:
+        target = uri
+        if not storage.is_gcs(uri) and Path(uri).resolve() != Path(bundle_dir).resolve():
+            shutil.rmtree(Path(uri) / serving.SERVING_DIR, ignore_errors=True)
+    else:  # the version publish() will name, from the same card and time
+        card = json.loads((Path(bundle_dir) / "model.json").read_text())
+        target = storage.join(base, publish.version_name(card, created))
+    serving.write_inference_service(bundle_dir, serving.storage_uri(target))
+    return publish.publish(bundle_dir, uri, files=result_files(bundle_dir), created=created).uri
 
 
 @dataclass
@@ -124,6 +147,27 @@ class Export:
     files: tuple[str, ...]
     card: dict[str, Any]
     metrics: dict[str, float]
+
+    def metadata(self) -> dict[str, Any]:
+        """The Model artifact's metadata (KFP's UI and ML Metadata show it without opening a file)."""
+        card, onnx = self.card, self.card["onnx"]
+        return {
+            "framework": onnx["producer"],
+            "framework_version": onnx["producer_version"],
+            "format": "onnx",
+            "opset": onnx["opset"],
+            "input_name": card["input"]["name"],
+            "input_shape": card["input"]["shape"],
+            "output_name": card["output"]["name"],
+            "output_shape": card["output"]["shape"],
+            "num_classes": len(card["classes"]),
+            "preprocessing": card["preprocessing"],
+            "student_test_prec1": self.metrics.get("student/test/prec@1"),
+            "teacher_test_prec1": self.metrics.get("teacher/test/prec@1"),
+            "onnx_max_abs_diff": self.metrics["export/onnx_max_abs_diff"],
+            "config_hash": card["config_hash"],
+            "serving": card["serving"],
+        }
 
 
 def run(
@@ -143,6 +187,8 @@ def run(
     (out / quantize.INT8_FILE).unlink(missing_ok=True)  # only this run's INT8 model may be published
     for stale in out.glob("model-*.onnx"):
         stale.unlink()
+    shutil.rmtree(out / serving.SERVING_DIR, ignore_errors=True)  # hard links to the files rewritten below
+    (out / serving.INFERENCE_SERVICE).unlink(missing_ok=True)
     (student,), info = models.load_bundle(student_dir, "cpu")
     res = info["resolution"]
     to_onnx(student, res, out / "model.onnx", cfg.export.opset)
@@ -187,7 +233,16 @@ def run(
     metrics.update({f"{stage}/wall_s": w for stage, w in walls.items()})
     metrics["wall_s"] = round(sum(walls.values()), 3)  # stage compute; `funmatch run` replaces it with end-to-end
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    graph = serving.read_graph(out / "model.onnx")
+    models_served = serving.write_repository(out, list(onnx_files(out)), info["classes"])
+    serving.write_inference_service(out, serving.storage_uri(out))
     card = model_card(cfg, info, metrics) | publish.provenance(dataset_dir)
+    card["onnx"] = {"opset": graph.opset, "producer": graph.producer, "producer_version": graph.producer_version}
+    card["serving"] = {
+        "triton_repository": serving.SERVING_DIR,
+        "triton_models": dict(zip(models_served, onnx_files(out), strict=True)),
+        "kserve_inference_service": serving.INFERENCE_SERVICE,
+    }
     if int8_card:
         card["int8"] = int8_card
     if extra_models:

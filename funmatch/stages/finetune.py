@@ -58,7 +58,7 @@ def given_teacher(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> 
 def run(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict:
     """Fine-tunes the teacher and writes its artifact into `out_dir`; returns the artifact info."""
     clock = runtime.Stopwatch()
-    device = runtime.setup(cfg.runtime)
+    device = runtime.setup(cfg.runtime, cfg.resources)
     t, f = cfg.teacher, cfg.finetune
     manifest = prepared.read_manifest(dataset_dir)
     # The train split resident on the device, or streamed by decode workers (as in distill).
@@ -101,7 +101,7 @@ def run(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict:
     model.train()
     running = torch.zeros((), device=device)
     bar = tqdm(range(steps), desc="teacher", unit="step", mininterval=2)
-    for step, images in zip(bar, batches.iterate(0, steps)):
+    for step, images in zip(bar, batches.iterate(0, steps), strict=True):
         g = augment.step_generator(cfg.runtime.seed, step, stream=1)
         idx = runtime.to_device(prepared.batch_indices(step, f.batch_size, n, cfg.runtime.seed), device)
         x = augment.finetune_view(images, t.resolution, cfg.eval.crop_pct, g)

@@ -15,7 +15,7 @@ import logging
 import shutil
 from collections import Counter
 from pathlib import Path
-from typing import Union
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -26,7 +26,7 @@ from funmatch.errors import DataError
 from funmatch.runtime import Stopwatch
 
 log = logging.getLogger(__name__)
-Part = Union[tuple[np.ndarray, np.ndarray], list[tuple[str, int]]]  # a split: decoded arrays, or (file, label) pairs
+Part = tuple[np.ndarray, np.ndarray] | list[tuple[str, int]]  # a split: decoded arrays, or (file, label) pairs
 
 
 def run(cfg: Config, out_dir: str | Path) -> dict:
@@ -59,7 +59,8 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
         fracs = tuple(f for s, f in (("val", d.val_fraction), ("test", d.test_fraction)) if s in missing)
         train = parts["train"]
         cut = prepared.stratified_split(_labels(train), fracs, d.split_seed)
-        parts |= {split: _take(train, idx) for split, idx in zip(missing, cut)} | {"train": _take(train, cut[-1])}
+        parts |= {split: _take(train, idx) for split, idx in zip(missing, cut[:-1], strict=True)}
+        parts["train"] = _take(train, cut[-1])
         origin = (
             f"source train/{'/'.join(s for s in ('val', 'test') if s not in missing)} + "
             f"stratified {'/'.join(missing)} (seed={d.split_seed})"
@@ -81,12 +82,13 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
             part = parts[split]
             if isinstance(part, tuple):  # pre-decoded arrays
                 writer.add(sources.resize_array(part[0], size), part[1])
-            for start in range(0, 0 if isinstance(part, tuple) else len(part), d.shard_size):
-                images, labels, bad = sources.decode_files(
-                    part[start : start + d.shard_size], size, d.max_image_pixels, bar.update
-                )
-                writer.add(images, labels)
-                skipped += bad
+            else:
+                for start in range(0, len(part), d.shard_size):
+                    images, labels, bad = sources.decode_files(
+                        part[start : start + d.shard_size], size, d.max_image_pixels, bar.update
+                    )
+                    writer.add(images, labels)
+                    skipped += bad
             entries[split] = writer.close()
     sources.quarantine(source, skipped, out)  # bytes kept for a look, even when the stage fails below
     shutil.rmtree(work, ignore_errors=True)
@@ -99,12 +101,12 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
         raise DataError(f"data.source={d.source!r}: no readable images ({len(skipped)} unreadable)")
     for s in skipped:
         log.warning("skipped %s (%s): %s; copy in %s", s["path"], s["kind"], s["reason"], s.get("quarantine"))
-    empty = [c for c, count in zip(source.classes, entries["train"]["class_counts"]) if not count]
+    empty = [c for c, count in zip(source.classes, entries["train"]["class_counts"], strict=True) if not count]
     if empty:
         raise DataError(f"data.source={d.source!r}: class(es) {empty} have no readable training images")
 
     # 3. Shards + manifest.
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": prepared.FORMAT,
         "source": d.source,
         "description": source.description,

@@ -49,6 +49,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict
 
 from funmatch.errors import DataError
 
@@ -72,6 +73,15 @@ class PreconditionFailed(StorageError):
 
 class IntegrityError(StorageError):
     """Bytes that do not match their checksum."""
+
+
+class Hashes(TypedDict):
+    """sha256 (hex), md5 and crc32c (base64, GCS's encoding) and size in bytes of a file or buffer."""
+
+    sha256: str
+    md5: str
+    crc32c: str
+    size: int
 
 
 # ---------------------------------------------------------------- URIs
@@ -226,7 +236,7 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def file_hashes(path: str | Path) -> dict[str, str | int]:
+def file_hashes(path: str | Path) -> Hashes:
     """sha256 (hex), crc32c and md5 (base64, GCS's encoding) and size of a local file, in one pass."""
     import google_crc32c
 
@@ -246,7 +256,7 @@ def file_hashes(path: str | Path) -> dict[str, str | int]:
     }
 
 
-def _bytes_hashes(data: bytes) -> dict[str, str | int]:
+def _bytes_hashes(data: bytes) -> Hashes:
     import google_crc32c
 
     return {
@@ -257,7 +267,7 @@ def _bytes_hashes(data: bytes) -> dict[str, str | int]:
     }
 
 
-def _server_matches(blob, local: dict) -> bool:
+def _server_matches(blob, local: Hashes) -> bool:
     """Whether GCS's reported checksums (crc32c, and md5 when given) and size equal the local ones."""
     if blob.crc32c is None and blob.md5_hash is None:
         blob.reload(retry=retry_policy(), timeout=_timeout())
@@ -270,7 +280,7 @@ def _server_matches(blob, local: dict) -> bool:
     )
 
 
-def _verify_upload(blob, uri: str, local: dict) -> None:
+def _verify_upload(blob, uri: str, local: Hashes) -> None:
     if _server_matches(blob, local):
         return
     got = f"crc32c {blob.crc32c}, md5 {blob.md5_hash}, {blob.size} bytes"
@@ -282,7 +292,7 @@ def _verify_upload(blob, uri: str, local: dict) -> None:
     )
 
 
-def _same_object_exists(uri: str, local: dict) -> int | None:
+def _same_object_exists(uri: str, local: Hashes) -> int | None:
     """The generation of `uri` if it already holds exactly these bytes (a retried create that had landed)."""
     blob = _blob(uri)
     with _gcs_errors(uri, "read metadata"):
@@ -480,7 +490,7 @@ def write_bytes(uri: str, data: bytes, *, if_generation_match: int | None = None
 
 
 def upload_file(
-    path: str | Path, uri: str, *, if_generation_match: int | None = None, hashes: dict | None = None
+    path: str | Path, uri: str, *, if_generation_match: int | None = None, hashes: Hashes | None = None
 ) -> int | None:
     """Copies a local file to `uri`; over 8 MiB as a chunked resumable upload. Verified by checksum.
 

@@ -38,7 +38,9 @@ class Loaded:
 
 
 def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if not isinstance(np_state, tuple):  # legacy=True: the global MT19937's (name, keys, pos, has_gauss, gauss)
+        raise CheckpointError(f"numpy's global RNG state is a {type(np_state).__name__}, expected the legacy tuple")
     tensors = {"rng/torch_cpu": torch.get_rng_state(), "rng/numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -206,7 +208,9 @@ class CheckpointManager:
                 )
             try:  # never unpickled: anything but safetensors (a pickle under this name too) fails here
                 tensors = load(blob)
-            except Exception as e:  # SafetensorError, on any bytes that are not a safetensors file
+            # SafetensorError for a bad header, KeyError for a dtype torch lacks ("F4"), torch's own errors
+            # building the tensors: each means this checkpoint is not loadable, so the previous one is tried.
+            except Exception as e:  # noqa: BLE001 (bytes of unknown origin: the failure modes are open-ended)
                 log.warning("checkpoint %s is not a safetensors file (%s); trying the previous one", step, e)
                 continue
             return Loaded(step, tensors, meta)

@@ -19,14 +19,22 @@ Two layouts, chosen by the URI:
   write only if that generation is still current, on a 412 re-read and decide again. Two
   publishers racing therefore serialise: the pointer ends on the newest `created` (it never moves
   back to an older version), and at every moment it is whole JSON naming a complete version.
+  Publishing is idempotent: when the version latest.json names holds the same files with the same
+  sha256 sums (model.json compared as it would be published under that version), nothing is
+  written, one log line names that version and its URI is returned.
 
 * **Flat**: anything else (a local directory, another gs:// prefix; what `funmatch run` uses):
   the three files and then SHA256SUMS straight into it, overwriting, as before.
 
+File names are relative POSIX paths (`model.onnx`, `serving/<name>/1/model.onnx`): components of
+letters, digits, `.`, `_` and `-` that start with a letter or digit, so no `..`, no absolute path, no
+backslash; SHA256SUMS lines carry that relative path.
+
 `funmatch pull gs://<bucket>/models/<name>[@<version>|@latest] DIR` resolves `latest.json` (and checks
 SHA256SUMS against the digest it records), downloads every file SHA256SUMS lists into a temp
-directory next to DIR, verifies each sha256, and only then moves them into DIR: a mismatch leaves
-DIR untouched and is refused with one line (exit 2).
+directory next to DIR, verifies each sha256, and only then moves them into DIR, recreating the
+tree: a mismatch, or a SHA256SUMS entry that is no such relative path or would land outside DIR
+(through a symlink already in DIR), leaves DIR untouched and is refused with one line (exit 2).
 """
 
 from __future__ import annotations
@@ -58,8 +66,9 @@ NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 REGISTRY = re.compile(rf"^(gs://[a-z0-9][a-z0-9._-]{{1,221}}/(?:[^@]+/)?models/{NAME})/?$")
 PULL_SPEC = re.compile(rf"^(gs://[a-z0-9][a-z0-9._-]{{1,221}}/(?:[^@]+/)?models/{NAME})/?(?:@({NAME}))?$")
 VERSION = re.compile(rf"^{NAME}$")
-SUMS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # plain file names: nothing can escape DIR on pull
-SUMS_LINE = re.compile(r"^([0-9a-f]{64})  ([A-Za-z0-9][A-Za-z0-9._-]*)$")
+PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"  # one path component: never '.', '..' or empty
+REL_PATH = re.compile(rf"^{PART}(?:/{PART})*$")  # relative POSIX paths: nothing can escape DIR on pull
+SUMS_LINE = re.compile(rf"^([0-9a-f]{{64}})  ({PART}(?:/{PART})*)$")
 POINTER_ATTEMPTS = 20
 
 
@@ -72,6 +81,7 @@ class Publication:
     uri: str  # where the files are: the version's prefix, or the flat target
     version: str | None = None  # registry only
     latest_moved: bool = False  # registry only: whether latest.json now names this version
+    reused: bool = False  # registry only: the same files were already the latest version; nothing written
 
 
 def provenance(dataset_dir: str | Path) -> dict:
@@ -102,9 +112,10 @@ def version_name(card: dict, created: dt.datetime) -> str:
 def _read_bundle(bundle_dir: str | Path, files: tuple[str, ...]) -> dict:
     bundle = Path(bundle_dir)
     for name in files:
-        if not SUMS_NAME.match(name) or name in (SUMS, LATEST):
+        if not REL_PATH.match(name) or name in (SUMS, LATEST):
             raise PublishError(
-                f"cannot publish a file named {name!r}; expected plain file names other than {SUMS} and {LATEST}"
+                f"cannot publish a file named {name!r}; expected relative POSIX paths (no '..', no leading '/', "
+                f"no '\\') other than {SUMS} and {LATEST}"
             )
         if not (bundle / name).is_file():
             raise PublishError(
@@ -126,8 +137,9 @@ def publish(
     files: tuple[str, ...] | list[str] = BUNDLE_FILES,
     created: dt.datetime | None = None,
 ) -> Publication:
-    """Publishes `files` of the bundle (model.onnx, model.json and metrics.json at least; SHA256SUMS lists
-    them in this order) to `uri`, registry or flat layout (see the module docstring)."""
+    """Publishes `files` of the bundle (model.onnx, model.json and metrics.json at least; relative paths,
+    subdirectories allowed; SHA256SUMS lists them in this order) to `uri`, registry or flat layout (see
+    the module docstring)."""
     files = tuple(files)
     missing = [n for n in BUNDLE_FILES if n not in files]
     if missing:
@@ -153,11 +165,52 @@ def _publish_flat(bundle: Path, uri: str, files: tuple[str, ...]) -> Publication
     return Publication(uri=uri)
 
 
+def _published_card(card: dict, base: str, version: str, time: str) -> bytes:
+    """model.json as the version `version` of `base` holds it: the card plus where and when it was published."""
+    published = {"version": version, "published": {"uri": storage.join(base, version) + "/", "time": time}}
+    return json.dumps(card | published, indent=1).encode()
+
+
+def _latest_if_same(base: str, digests: dict[str, str]) -> dict | None:
+    """latest.json's entry when the version it names holds the same model bytes: the same `.onnx` files
+    (their relative paths and sha256 sums; `digests` maps every file to publish to its sum). Cards and
+    metrics carry times and wall clocks, so they do not make a new model."""
+    entry, _ = read_latest(base)
+    if entry is None:
+        return None
+    sums_uri = storage.join(base, entry["version"], SUMS)
+    try:
+        sums = storage.read_bytes(sums_uri)
+    except storage.ObjectNotFound:
+        return None
+    if hashlib.sha256(sums).hexdigest() != entry.get("sha256sums"):
+        return None  # not the SHA256SUMS latest.json vouches for: publish anew rather than trust it
+    try:
+        published = {name: digest for digest, name in parse_sums(sums, sums_uri)}
+    except PublishError:
+        return None
+    models = _onnx(digests)
+    return entry if models and _onnx(published) == models else None
+
+
+def _onnx(digests: dict[str, str]) -> dict[str, str]:
+    return {name: digest for name, digest in digests.items() if name.endswith(".onnx")}
+
+
 def _publish_version(bundle: Path, base: str, card: dict, files: tuple[str, ...], created: dt.datetime) -> Publication:
+    hashes = {name: storage.file_hashes(bundle / name) for name in files if name != "model.json"}
+    same = _latest_if_same(base, {name: h["sha256"] for name, h in hashes.items()})
+    if same is not None:
+        uri = storage.join(base, same["version"]) + "/"
+        log.info(
+            "not publishing: the latest version %s (%s) already holds this model (the same .onnx sha256 sums)",
+            same["version"],
+            uri,
+        )
+        return Publication(uri=uri, version=same["version"], latest_moved=True, reused=True)
     version = version_name(card, created)
     prefix = storage.join(base, version)
-    card = card | {"version": version, "published": {"uri": prefix + "/", "time": _iso(created)}}
-    card_bytes = json.dumps(card, indent=1).encode()
+    card_bytes = _published_card(card, base, version, _iso(created))
     digests = {}
     try:
         for name in files:  # create-only: a version is immutable
@@ -165,9 +218,10 @@ def _publish_version(bundle: Path, base: str, card: dict, files: tuple[str, ...]
                 storage.write_bytes(storage.join(prefix, name), card_bytes, if_generation_match=0)
                 digests[name] = hashlib.sha256(card_bytes).hexdigest()
             else:
-                hashes = storage.file_hashes(bundle / name)
-                storage.upload_file(bundle / name, storage.join(prefix, name), if_generation_match=0, hashes=hashes)
-                digests[name] = hashes["sha256"]
+                storage.upload_file(
+                    bundle / name, storage.join(prefix, name), if_generation_match=0, hashes=hashes[name]
+                )
+                digests[name] = hashes[name]["sha256"]
         sums = _sums_text(digests)
         storage.write_bytes(storage.join(prefix, SUMS), sums, if_generation_match=0)  # the version is complete
     except storage.PreconditionFailed as e:
@@ -263,16 +317,37 @@ def _versions_hint(base: str) -> str:
 
 
 def parse_sums(data: bytes, uri: str) -> list[tuple[str, str]]:
+    """[(sha256, relative path)] of a SHA256SUMS; anything else (`..`, an absolute path, a backslash, a
+    file that is also another's directory) is refused."""
     entries = []
     for line in data.decode(errors="replace").splitlines():
         m = SUMS_LINE.match(line)
         if not m:
-            raise PublishError(f"{uri}: line {line[:80]!r} is not '<sha256>  <file name>'")
+            raise PublishError(
+                f"{uri}: line {line[:80]!r} is not '<sha256>  <relative path>' (no '..', no leading '/', no '\\')"
+            )
         entries.append((m.group(1), m.group(2)))
     names = [n for _, n in entries]
-    if len(set(names)) != len(names) or not {"model.onnx", "model.json"} <= set(names):
-        raise PublishError(f"{uri} lists {names}; expected each file once, model.onnx and model.json among them")
+    if len(set(names)) != len(names) or not {"model.onnx", "model.json"} <= set(names) or SUMS in names:
+        raise PublishError(
+            f"{uri} lists {names}; expected each file once, model.onnx and model.json among them, not {SUMS}"
+        )
+    dirs = {"/".join(n.split("/")[:i]) for n in names for i in range(1, n.count("/") + 1)}
+    if clash := sorted(dirs.intersection(names)):
+        raise PublishError(f"{uri} lists {clash[0]!r} both as a file and as a directory")
     return entries
+
+
+def _inside(dest: Path, name: str) -> Path:
+    """dest/name, refused unless it resolves inside dest (a symlink already in dest could point out) and
+    can be written there (no file where a directory goes, no directory where the file goes)."""
+    target = dest / name
+    if not target.resolve().is_relative_to(dest.resolve()):
+        raise PublishError(f"{name!r} would be written to {target.resolve()}, outside {dest}; refusing the download")
+    blocked = [d for d in target.parents if d.is_relative_to(dest) and d.exists() and not d.is_dir()]
+    if blocked or target.is_dir():
+        raise PublishError(f"cannot write {target}: {(blocked or [target])[0]} is in the way; refusing the download")
+    return target
 
 
 def pull(spec: str, dest: str | Path) -> dict:
@@ -303,6 +378,7 @@ def pull(spec: str, dest: str | Path) -> dict:
             f"{sums_uri}: sha256 {got} does not match {LATEST}'s sha256sums {expected_sums}; refusing the download"
         )
     entries = parse_sums(sums, sums_uri)
+    targets = {name: _inside(dest, name) for name in [n for _, n in entries] + [SUMS]}  # SHA256SUMS last
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.pull-"))
     try:
@@ -317,10 +393,9 @@ def pull(spec: str, dest: str | Path) -> dict:
             card = json.loads((tmp / "model.json").read_text())
         except ValueError as e:
             raise PublishError(f"{storage.join(prefix, 'model.json')} is not JSON ({e}); expected a model card") from e
-        dest.mkdir(parents=True, exist_ok=True)
-        for _, name in entries:
-            os.replace(tmp / name, dest / name)
-        os.replace(tmp / SUMS, dest / SUMS)
+        for name, target in targets.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / name, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"uri": prefix + "/", "version": version, "files": [n for _, n in entries], "card": card, "dest": str(dest)}

@@ -275,7 +275,7 @@ def test_symlink_loop_terminates_and_lists_each_file_once(tmp_path):
     os.symlink("../cat", root / "dog" / "cats")  # dog/cats -> cat: the same files again
     os.symlink("0.png", root / "cat" / "again.png")  # a second name for one file
 
-    result = {}
+    result: dict[str, sources.Source] = {}
     walker = threading.Thread(target=lambda: result.update(src=sources.folder_source(str(root))), daemon=True)
     walker.start()
     walker.join(timeout=30)

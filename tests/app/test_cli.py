@@ -52,6 +52,31 @@ def test_compile_writes_yaml(tmp_path, capsys):
     assert "distill_epochs" in (tmp_path / "p.yaml").read_text()
 
 
+def test_compile_no_cache_turns_caching_off_on_every_task(tmp_path, capsys):
+    import yaml
+
+    assert cli.main(["compile", "--preset", "demo-tiny", "--output", str(tmp_path / "p.yaml"), "--no-cache"]) == 0
+    assert "KFP caching off" in capsys.readouterr().out
+    spec = yaml.safe_load((tmp_path / "p.yaml").read_text().split("\n---")[0])
+    dags = [spec["root"]] + [c for c in spec["components"].values() if "dag" in c]
+    tasks = [
+        t
+        for d in dags
+        for t in d["dag"]["tasks"].values()
+        if "executorLabel" in spec["components"][t["componentRef"]["name"]]
+    ]
+    assert tasks and not any(t.get("cachingOptions", {}).get("enableCache") for t in tasks)
+
+
+@pytest.mark.parametrize("verb", ["submit", "schedule"])
+def test_submit_and_schedule_help_document_namespace_and_caching(verb, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([verb, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--namespace NS" in out and "Kubeflow profile namespace (multi-user KFP)" in out
+    assert "--cache" in out and "caching off on every task" in out
+
+
 def test_help_documents_commands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])

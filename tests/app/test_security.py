@@ -55,7 +55,7 @@ def test_npz_with_an_object_array_is_refused_without_unpickling(tmp_path, key):
     evil = tmp_path / "BiT-evil.npz"
     payload = np.empty(1, dtype=object)
     payload[0] = Canary(marker)
-    np.savez(evil, **{key: payload})  # np.savez pickles object arrays
+    np.savez(evil, allow_pickle=True, **{key: payload})  # np.savez pickles object arrays
     model = models.create_model("bit-r14-mini", 10)
     with pytest.raises(CheckpointError, match="BiT-evil.npz"):
         models.load_init(model, "bit-r14-mini", str(evil), load_head=True)
@@ -67,7 +67,7 @@ def test_cli_refuses_a_pickled_npz_teacher_in_one_line(tmp_path, capsys):
     evil = tmp_path / "teacher.npz"
     payload = np.empty(1, dtype=object)
     payload[0] = Canary(marker)
-    np.savez(evil, **{"resnet/root_block/standardized_conv2d/kernel": payload})
+    np.savez(evil, allow_pickle=True, **{"resnet/root_block/standardized_conv2d/kernel": payload})
     rc = cli.main(
         [
             "run",
@@ -122,7 +122,7 @@ def test_checkpoint_that_is_a_pickle_is_skipped(tmp_path, caplog, sha_matches):
         meta["sha256"] = hashlib.sha256(blob).hexdigest()
         meta_path.write_text(json.dumps(meta))
     loaded = mgr.load_latest()
-    assert loaded.step == 5  # the previous, genuine one
+    assert loaded is not None and loaded.step == 5  # the previous, genuine one
     assert ("not a safetensors file" if sha_matches else "checksum mismatch") in caplog.text
     assert not marker.exists()
 

@@ -29,7 +29,11 @@ class KfpStub:
     def __init__(self, token: str | None = "tok-123"):
         self.token = token
         self.requests: list[SimpleNamespace] = []
-        self.pipelines, self.versions, self.experiments, self.runs, self.recurring = {}, {}, {}, {}, {}
+        self.pipelines: dict[str, dict] = {}
+        self.versions: dict[str, list[dict]] = {}
+        self.experiments: dict[str, dict] = {}
+        self.runs: dict[str, dict] = {}
+        self.recurring: dict[str, dict] = {}
         self._ids = 0
         stub = self
 
@@ -171,9 +175,22 @@ def stub(monkeypatch, tmp_path):
     server._server.server_close()
 
 
-def version_name(*overrides: str) -> str:
+def version_name(*overrides: str, caching: bool = False) -> str:
     cfg = config.load("demo-tiny", list(overrides))
-    return f"{__version__}-{hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]}"
+    name = f"{__version__}-{hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]}"
+    return name if caching else f"{name}-nocache"
+
+
+def task_caching(ir: bytes) -> dict[str, bool]:
+    """Every container task of the IR (nested DAGs included) → whether KFP may answer it from its cache."""
+    spec = yaml.safe_load(ir.split(b"\n---")[0])
+    dags = [("root", spec["root"])] + [(n, c) for n, c in spec["components"].items() if "dag" in c]
+    return {
+        f"{dag}/{task}": bool(t.get("cachingOptions", {}).get("enableCache", False))
+        for dag, c in dags
+        for task, t in c["dag"]["tasks"].items()
+        if "executorLabel" in spec["components"][t["componentRef"]["name"]]
+    }
 
 
 def one_line_error(capsys) -> str:
@@ -218,14 +235,21 @@ def test_submit_uploads_a_version_once_then_reuses_it(stub, capsys):
     spec = yaml.safe_load(ir.split(b"\n---")[0])
     assert spec["pipelineInfo"]["name"] == "funmatch"
     assert spec["root"]["inputDefinitions"]["parameters"]["distill_epochs"]["defaultValue"] == 3
+    caching = task_caching(ir)  # a resubmitted config retrains: no stage is answered from KFP's cache
+    assert "root/prepare-data" in caching and any(k.endswith("/distill") for k in caching)
+    assert not any(caching.values()), caching
+    assert "KFP caching off" in upload.query["description"]
     assert json.loads(stub.requests[4].query["filter"])["predicates"][0]["stringValue"] == name
     assert stub.requests[7].body["display_name"] == "nightly"
     run = stub.requests[8].body
     assert run["experiment_id"] == "experiment-4" and run["display_name"].startswith("funmatch-demo-tiny-")
     assert run["pipeline_version_reference"] == {"pipeline_id": "pipeline-1", "pipeline_version_id": "version-3"}
     assert run["runtime_config"]["parameters"] == {"publish_uri": "gs://bkt/models/fashion"}
+    # v2beta1 has no per-run caching field: a run of a version gets the version's IR, caching off, not an inline spec
+    assert "pipeline_spec" not in run and set(run["runtime_config"]) == {"parameters"}
     out = capsys.readouterr().out
     assert f"version {name} (uploaded)" in out and f"{stub.url}/#/runs/details/run-5" in out
+    assert "KFP caching off" in out
 
     mark = len(stub.requests)
     assert cli.main(argv) == 0  # same config: nothing uploaded, a new run of the same version
@@ -272,6 +296,11 @@ def test_schedule_creates_then_keeps_then_replaces(stub, capsys):
     assert body["max_concurrency"] == 1 and body["no_catchup"] is True and body["mode"] == "ENABLE"
     assert body["experiment_id"] == "experiment-4"
     assert body["pipeline_version_reference"] == {"pipeline_id": "pipeline-1", "pipeline_version_id": "version-3"}
+    assert "pipeline_spec" not in body and "namespace" not in body
+    (upload,) = [r for r in stub.requests if r.path.endswith("/upload_version")]
+    assert upload.query["name"] == version_name()
+    caching = task_caching(upload.files["uploadfile"])  # each scheduled run retrains, export included
+    assert caching and not any(caching.values())
 
     mark = len(stub.requests)
     assert cli.main([*argv, "--cron", "0 0 3 * * 0"]) == 0  # identical: left alone
@@ -288,6 +317,42 @@ def test_schedule_creates_then_keeps_then_replaces(stub, capsys):
         ("weekly", "0 30 4 * * MON-FRI")
     ]
     assert all(r.headers.get("authorization") == "Bearer tok-123" for r in stub.requests)
+
+
+def test_cache_flag_is_another_version_with_caching_on(stub, capsys):
+    argv = ["submit", "--host", stub.url, "--preset", "demo-tiny"]
+    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--cache"]) == 0
+    assert "KFP caching on" in capsys.readouterr().out
+    uploads = [r for r in stub.requests if r.path.endswith("/upload_version")]
+    assert [u.query["name"] for u in uploads] == [version_name(), version_name(caching=True)]
+    assert not any(task_caching(uploads[0].files["uploadfile"]).values())
+    on = task_caching(uploads[1].files["uploadfile"])
+    assert on["root/prepare-data"] and any(v for k, v in on.items() if k.endswith("/distill"))
+    assert "KFP caching on" in uploads[1].query["description"]
+    runs = [
+        r.body["pipeline_version_reference"]["pipeline_version_id"] for r in stub.requests if r.path.endswith("/runs")
+    ]
+    assert runs == ["version-3", "version-6"]
+
+
+def test_namespace_reaches_pipeline_experiment_and_recurring_run(stub, capsys):
+    argv = ["--host", stub.url, "--preset", "demo-tiny", "--namespace", "team-a", "--experiment", "nightly"]
+    assert cli.main(["submit", *argv]) == 0
+    assert "experiment nightly (namespace team-a)" in capsys.readouterr().out
+    by_call = {(r.method, r.path): r for r in stub.requests}  # the last request of each kind
+    assert by_call[("GET", f"{API}/pipelines")].query["namespace"] == "team-a"
+    assert by_call[("POST", f"{API}/pipelines/upload")].query["namespace"] == "team-a"
+    assert by_call[("GET", f"{API}/experiments")].query["namespace"] == "team-a"
+    assert by_call[("POST", f"{API}/experiments")].body == {"display_name": "nightly", "namespace": "team-a"}
+    run = by_call[("POST", f"{API}/runs")].body  # V2beta1Run has no namespace: it runs in its experiment's
+    assert stub.experiments[run["experiment_id"]]["namespace"] == "team-a"
+
+    assert cli.main(["schedule", *argv, "--cron", "0 0 3 * * 0"]) == 0
+    body = stub.requests[-1].body
+    assert stub.calls()[-1] == ("POST", f"{API}/recurringruns")
+    assert body["namespace"] == "team-a" and body["experiment_id"] == run["experiment_id"]
+    assert body["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * 0"}} and body["mode"] == "ENABLE"
 
 
 @pytest.mark.parametrize(

@@ -156,7 +156,8 @@ def _imported_modules(code: str) -> set[str]:
         "from funmatch import config; config.validate(config.load('imagenet'))",
         "from funmatch.app import cli; cli.main(['presets'])",
         "import tempfile; from funmatch.app import cli; "
-        "cli.main(['compile', '--preset', 'imagenet', '--output', tempfile.mkdtemp() + '/p.yaml'])",
+        "assert cli.main(['compile', '--preset', 'imagenet', '--set', 'runtime.checkpoint_dir=gs://b/c', "
+        "'--output', tempfile.mkdtemp() + '/p.yaml']) == 0",
         "from funmatch.app import cli, kfp_client",
     ],
 )

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -91,6 +92,35 @@ def test_unknown_preset_lists_close_matches():
 def test_teacher_must_be_trained_or_given():
     with pytest.raises(ConfigError, match="teacher.finetune"):
         config.load("demo", ["teacher.finetune=false"])
+
+
+@pytest.mark.parametrize("overrides", [[], ["smoke=true"], ["resources.timeout_hours=2.5"]])
+def test_deadlines_and_retries_cover_the_presets_budget(overrides):
+    """The attempts, each losing START_HOURS to its start, fit the distillation at the measured rate with
+    margin, and one more retry per day of it absorbs the preemptions; the retry window holds every attempt
+    (the IR side: tests/pipelines/test_backend_contract.py)."""
+    for name in config.preset_names():
+        cfg = config.load(name, overrides)
+        r, work = cfg.resources, config.TIMEOUT_MARGIN * config.gpu_hours(cfg)
+        preemptions = math.ceil(work / config.PREEMPTIBLE_HOURS)
+        assert (r.retries + 1 - preemptions) * (r.timeout_hours - config.START_HOURS) >= work, name
+        assert r.retries >= config.MIN_RETRIES, name
+        assert config.retry_window_s(cfg) >= (r.retries + 1) * r.timeout_hours * 3600, name
+        if not overrides:
+            assert config.MIN_TIMEOUT_HOURS <= r.timeout_hours <= config.MAX_TIMEOUT_HOURS, name
+            assert (work > 0) == (r.accelerator_count >= 1), name  # every GPU preset states its rate
+    imagenet = config.load("imagenet").resources
+    assert (imagenet.timeout_hours, imagenet.retries) == (24, 54)  # 423 GPU-hours: a hung attempt ends in a day
+    assert config.load("imagenet", ["resources.retries=2"]).resources.retries == 2  # as set
+
+
+def test_cpu_configs_and_gpu_settings_are_checked():
+    assert config.load("demo").resources.accelerator_count == 0  # the CPU presets
+    assert all(config.load(n, ["smoke=true"]).resources.accelerator_count == 0 for n in ("pets-long", "imagenet"))
+    with pytest.raises(ConfigError, match=r"^resources\.accelerator_type='' is not allowed"):
+        config.load("imagenet", ["resources.accelerator_type="])
+    with pytest.raises(ConfigError, match=r"^resources\.timeout_hours=-1\.0 is not allowed"):
+        config.load("imagenet", ["resources.timeout_hours=-1"])
 
 
 def test_hash_changes_with_results_relevant_values():

@@ -73,7 +73,7 @@ def test_streamed_loader_gives_the_resident_batches(jpeg_dataset, setup, shard):
     expected = list(resident.iterate(5, 9))
     assert len(expected) == 4 and len(expected[0]) == len(rows)
     for got in (list(streamed.iterate(5, 9)), list(on_device.iterate(5, 9))):
-        assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_shard_rows_views_equal_global_batch_views(jpeg_dataset):
@@ -86,7 +86,9 @@ def test_shard_rows_views_equal_global_batch_views(jpeg_dataset):
             )
             for x in (images, images[rows])
         ]
-        assert all(torch.equal(a, b) for a, b in zip(views[0][0] + [views[0][1]], views[1][0] + [views[1][1]]))
+        (t_full, s_full), (t_rows, s_rows) = views
+        assert t_full is not None and t_rows is not None
+        assert all(torch.equal(a, b) for a, b in zip(t_full + [s_full], t_rows + [s_rows], strict=True))
 
 
 @pytest.mark.parametrize("encoding", ["raw", "jpeg"])
@@ -245,9 +247,14 @@ def test_loader_workers_fit_cpus_and_shared_memory(monkeypatch, tmp_path, caplog
 @pytest.mark.parametrize("limit", [0, 1, 699, 700, 701, 5000])
 def test_load_split_limit_reads_only_the_shards_it_needs(jpeg_dataset, limit, monkeypatch):
     full_x, full_y = prepared.load_split(jpeg_dataset, "train")
-    read = []
+    read: list[str] = []
     original = storage.sha256_file
-    monkeypatch.setattr(storage, "sha256_file", lambda p: read.append(str(p)) or original(p))
+
+    def recording_sha256(path):
+        read.append(str(path))
+        return original(path)
+
+    monkeypatch.setattr(storage, "sha256_file", recording_sha256)
     x, y = prepared.load_split(jpeg_dataset, "train", limit=limit)
     assert np.array_equal(x, full_x[:limit]) and np.array_equal(y, full_y[:limit])
     shards_needed = min(-(-limit // 700), len(prepared.read_manifest(jpeg_dataset)["splits"]["train"]["shards"]))

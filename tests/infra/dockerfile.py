@@ -32,7 +32,8 @@ def parse_dockerfile(text: str) -> tuple[dict[str, str], list[list[Instruction]]
             continue
         logical.append(buf + line)
         buf = ""
-    global_args, stages = {}, []
+    global_args: dict[str, str] = {}
+    stages: list[list[Instruction]] = []
     for line in logical:
         instr, _, args = line.strip().partition(" ")
         instr, args = instr.upper(), args.strip()

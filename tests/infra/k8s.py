@@ -13,7 +13,7 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import yaml
@@ -101,13 +101,13 @@ def pod_spec_errors(pod: dict, where: str) -> list[str]:
 # --- custom resources: the CRD's schema, defaults and CEL rules ------------------------------------------
 
 
-def _strict_schema(node: object) -> object:
+def _strict_schema(node: Any) -> Any:
     """Unknown fields are errors (kubectl's default --validate=strict); `nullable` honoured."""
     if isinstance(node, list):
         return [_strict_schema(x) for x in node]
     if not isinstance(node, dict):
         return node
-    out = {
+    out: dict[str, Any] = {
         k: (
             v
             if k in ("enum", "default", "example", "required", "x-kubernetes-list-map-keys")
@@ -160,7 +160,7 @@ def _cel_program(rule: str) -> "celpy.Runner":
     return env.program(env.compile(rule))
 
 
-def _semantic_errors(schema: dict, value: object, path: str) -> list[str]:
+def _semantic_errors(schema: dict, value: Any, path: str) -> list[str]:
     """CEL x-kubernetes-validations (create: rules on oldSelf are skipped) and list-map/set uniqueness."""
     import celpy
 
@@ -169,10 +169,10 @@ def _semantic_errors(schema: dict, value: object, path: str) -> list[str]:
         if re.search(r"\boldSelf\b", v["rule"]):
             continue
         try:
-            result = _cel_program(v["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+            result: object = _cel_program(v["rule"]).evaluate({"self": celpy.json_to_cel(value)})
         except Exception as e:  # noqa: BLE001 (an evaluation error rejects the object on the server too)
             result = e
-        if isinstance(result, (Exception, celpy.CELEvalError)) or not bool(result):
+        if isinstance(result, Exception) or not bool(result):  # celpy.CELEvalError is an Exception
             errs.append(f"{path or '/'}: {v.get('message', v['rule'])} (CEL: {v['rule']})")
     if isinstance(value, dict):
         props, extra = schema.get("properties", {}), schema.get("additionalProperties")

@@ -9,6 +9,7 @@ import copy
 import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -169,7 +170,7 @@ def _json6902(doc: dict, op: dict, f: Path) -> None:
     if kind not in ("add", "replace", "remove", "test") or not path.startswith("/"):
         raise KustomizeError(f"{f}: unsupported JSON 6902 operation {op}")
     parts = [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-    parent = doc
+    parent: Any = doc
     for p in parts[:-1]:
         try:
             parent = parent[int(p)] if isinstance(parent, list) else parent[p]

@@ -198,6 +198,7 @@ def _torch_site_dirs() -> list[str]:
     paths = sysconfig.get_paths()
     spec = importlib.util.find_spec("torch")
     assert spec is not None, f"torch is not importable by {sys.executable}"
+    assert spec.submodule_search_locations, f"torch at {spec.origin} is not a package"
     torch_dir = Path(spec.submodule_search_locations[0]).parent
     return list(dict.fromkeys([paths["purelib"], paths["platlib"], str(torch_dir)]))
 
@@ -237,7 +238,9 @@ def test_cuda_image_torchrun_starts_workers_in_the_venv(tmp_path):
             argv + args, check=False, env=env, capture_output=True, text=True, timeout=90, cwd=tmp_path
         )
         assert out.returncode == 0, out.stderr[-2000:]
-        return re.search(r"worker prefix (\S+)", out.stdout).group(1)
+        match = re.search(r"worker prefix (\S+)", out.stdout)
+        assert match, out.stdout[-2000:]
+        return match.group(1)
 
     assert Path(worker_prefix([str(venv_python), str(script)])) == venv
     assert Path(worker_prefix([sys.executable, "-m", "torch.distributed.run"])) != venv

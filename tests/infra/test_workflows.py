@@ -61,7 +61,9 @@ def _steps(wf: dict) -> list[dict]:
 
 
 def _on(wf: dict) -> dict:
-    return wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` key as True
+    on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` key as True
+    assert isinstance(on, dict), f"`on:` is not a mapping of events: {on!r}"
+    return on
 
 
 def test_ci_workflow_runs_the_ci_script():
@@ -102,6 +104,7 @@ def test_retrain_commands_parse_with_the_real_cli():
         "KFP_HOST": "https://kfp.example.com/pipeline",
         "PRESET": "demo",
         "PUBLISH_URI": "gs://b/models/m",
+        "CHECKPOINT_DIR": "",  # a repository variable that CPU presets leave empty
         "CRON": inputs["cron"]["default"],
     }
     commands = [s["run"] for s in _steps(wf) if s.get("run", "").startswith("funmatch ")]
@@ -125,7 +128,8 @@ def test_retrain_compile_step_names_the_images_make_builds(tmp_path):
     (step,) = [s for s in _steps(wf) if s.get("run", "").startswith("funmatch compile")]
     env = dict(
         os.environ,
-        PRESET="demo",
+        PRESET="pets-fast",  # a GPU preset: both images, and the checkpoint root it requires
+        CHECKPOINT_DIR="gs://bucket/checkpoints",
         HF_HUB_OFFLINE="1",
         FUNMATCH_IMAGE_PREFIX="registry.example/team",
         FUNMATCH_IMAGE_TAG="9.9.9",

@@ -19,6 +19,7 @@ import time
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 from uuid import uuid4
 
@@ -32,6 +33,8 @@ from funmatch import config, storage
 from funmatch.app import cli
 from funmatch.errors import ConfigError
 from funmatch.launch import tasks, trainjob
+from infra.kustomize import find, objects
+from infra.paths import RENDER_DIRS
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "manifests/schemas/kubeflow-trainer-v2.3.0/trainer.kubeflow.org_trainjobs.yaml"
@@ -103,7 +106,7 @@ def test_trainjob_validates_and_carries_the_task_resources(schema):
     spec = body["spec"]
     assert body["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and body["kind"] == "TrainJob"
     assert spec["runtimeRef"] == {
-        "name": "torch-distributed",
+        "name": "funmatch-distill",
         "kind": "ClusterTrainingRuntime",
         "apiGroup": "trainer.kubeflow.org",
     }
@@ -165,10 +168,25 @@ def test_cpu_only_nodes_and_the_validator_is_live(schema):
     assert unknown_fields(misspelt, schema) == [".spec.trainer.resourcePerNode"]
 
 
+def test_the_default_runtime_is_the_one_the_manifests_install():
+    """trainjob.RUNTIME names the ClusterTrainingRuntime that `kubectl apply -k` creates (the one of every
+    overlay that has one), with the priority class and restart policy; not the upstream torch-distributed."""
+    assert find(objects("base"), "ClusterTrainingRuntime")["metadata"]["name"] == trainjob.RUNTIME
+    for which in RENDER_DIRS:
+        objs = objects(which)
+        for runtime in [o for o in objs if o["kind"] == "ClusterTrainingRuntime"]:
+            assert runtime["metadata"]["name"] == trainjob.RUNTIME, which
+            pod = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+            assert find(objs, "PriorityClass", pod["priorityClassName"])
+            assert runtime["spec"]["template"]["spec"]["failurePolicy"]["maxRestarts"] > 0
+    ref = body_for(multi_node_cfg())["spec"]["runtimeRef"]
+    assert (ref["kind"], ref["name"]) == ("ClusterTrainingRuntime", trainjob.RUNTIME)
+
+
 def test_patch_targets_the_runtimes_trainer_container():
     """runtimePatches name a replicated job and container; the runtime must have them (torch-distributed
     and the project's funmatch-distill both call them 'node', ancestor step 'trainer')."""
-    runtime = yaml.safe_load((ROOT / "manifests/base/cluster/trainingruntime.yaml").read_text())
+    runtime = find(objects("base"), "ClusterTrainingRuntime", trainjob.RUNTIME)
     jobs = {j["name"]: j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"]}
     job = jobs[trainjob.NODE]
     assert job["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
@@ -225,7 +243,7 @@ def test_tasks_distill_needs_a_gcs_checkpoint_root(tmp_path):
 
 
 def test_tasks_distill_launches_a_trainjob(tmp_path, monkeypatch):
-    seen = {}
+    seen: dict[str, Any] = {}
 
     def fake_run(cfg, **kwargs):
         seen.update(kwargs, cfg=cfg)
@@ -246,7 +264,7 @@ def test_tasks_distill_launches_a_trainjob(tmp_path, monkeypatch):
     assert seen["dataset"] == "gs://pipelines/run-1/prep/dataset"  # read in place by the pods
     assert seen["teacher"] == teacher.path  # not on GCS: staged by the launcher
     assert seen["out_dir"] == student.path and seen["key"] == student.uri
-    assert seen["runtime"] == "torch-distributed"
+    assert seen["runtime"] == "funmatch-distill"
     assert student.metadata == {
         "arch": "bit-r14-mini",
         "resolution": 32,
@@ -389,6 +407,7 @@ class StubKube:
         assert url.path.startswith(PREFIX + NS + "/trainjobs"), url.path
         name = url.path[len(PREFIX + NS + "/trainjobs") :].strip("/")
         if method == "POST":
+            assert body is not None, "a POST without a TrainJob"
             return self.create(h, body)
         if method == "DELETE":
             if name not in self.jobs:

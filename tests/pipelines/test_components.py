@@ -29,7 +29,7 @@ def test_components_chain(tmp_path):
 
     teacher = _artifact(dsl.Model, tmp_path / "teacher")
     train_teacher.python_func(
-        config=resolved, dataset=dataset, accelerator="nvidia.com/gpu", num_accelerators=1, teacher=teacher
+        config=resolved, dataset=dataset, accelerator="nvidia.com/gpu", num_accelerators="1", teacher=teacher
     )
     assert teacher.metadata["arch"] == "bit-r18-mini"
 
@@ -46,7 +46,7 @@ def test_components_chain(tmp_path):
         teacher=teacher,
         checkpoint_root=str(tmp_path / "ckpt"),
         accelerator="nvidia.com/gpu",
-        num_accelerators=1,
+        num_accelerators="1",
         trainjob_image="unused",
         student=student,
     )
@@ -85,7 +85,9 @@ def test_components_chain(tmp_path):
     assert onnx_model.metadata["onnx_max_abs_diff"] <= 1e-3
     assert sorted(p.name for p in (tmp_path / "published").iterdir()) == [
         "SHA256SUMS",
+        "inferenceservice.yaml",
         "metrics.json",
         "model.json",
         "model.onnx",
+        "serving",
     ]

@@ -8,15 +8,28 @@ import yaml
 
 from funmatch import config
 from funmatch.app import cli
+from funmatch.errors import ConfigError
 from pipelines.funmatch_pipeline import compile_pipeline
+
+CHECKPOINTS = "runtime.checkpoint_dir=gs://funmatch-test/checkpoints"
+GPU_PRESET = "pets-fast"  # any preset with resources.accelerator_count >= 1
+
+
+def _compiled(path, cfg, **kwargs) -> tuple[dict, dict]:
+    compile_pipeline(cfg, str(path), **kwargs)
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs[0], (docs[1:] or [{"platforms": {"kubernetes": {"deploymentSpec": {"executors": {}}}}}])[0]
 
 
 @pytest.fixture(scope="module")
 def ir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ir") / "pipeline.yaml"
-    compile_pipeline(config.load("demo"), str(path))
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    spec, platform = _compiled(tmp_path_factory.mktemp("ir") / "pipeline.yaml", config.load(GPU_PRESET, [CHECKPOINTS]))
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _tasks(spec: dict) -> list[dict]:
+    """Every task of every DAG (the root's included)."""
+    return [t for c in [spec["root"], *spec["components"].values()] for t in c.get("dag", {}).get("tasks", {}).values()]
 
 
 def test_ir_has_the_stages_and_gpu_settings_on_the_two_gpu_tasks(ir):
@@ -51,35 +64,70 @@ def test_ir_has_the_stages_and_gpu_settings_on_the_two_gpu_tasks(ir):
         assert c["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
         assert c["tolerations"][0]["key"] == "nvidia.com/gpu"
         assert c["emptyDirMounts"][0]["mountPath"] == "/dev/shm" and c["emptyDirMounts"][0]["medium"] == "Memory"
-        assert int(c["activeDeadlineSeconds"]) >= 7 * 24 * 3600
+        assert int(c["activeDeadlineSeconds"]) == config.load(GPU_PRESET).resources.timeout_hours * 3600
     for name in set(execs) - gpu:
         assert "cpu" in execs[name]["container"]["image"]
-    for name, e in execs.items():
+    for e in execs.values():
         assert "pip install" not in " ".join(e["container"]["command"])  # install_kfp_package=False
 
 
 def test_ir_parameters_have_the_presets_defaults(ir):
     spec, _ = ir
     params = spec["root"]["inputDefinitions"]["parameters"]
-    cfg = config.load("demo")
+    cfg = config.load(GPU_PRESET, [CHECKPOINTS])
     assert params["distill_epochs"]["defaultValue"] == cfg.distill.epochs
     assert params["teacher_arch"]["defaultValue"] == cfg.teacher.arch
-    assert params["accelerator_count"]["defaultValue"] == 1
+    assert params["accelerator_count"] == {"defaultValue": "1", "isOptional": True, "parameterType": "STRING"}
     assert json.loads(params["config_json"]["defaultValue"]) == cfg.to_dict()
     assert all("defaultValue" in p for p in params.values())
 
 
 def test_ir_teacher_condition_and_retries(ir):
-    spec, _ = ir
+    spec, k8s = ir
     text = json.dumps(spec)
     assert "teacher_finetune" in text and "triggerPolicy" in text
-    retry = [
-        t
-        for c in spec["components"].values()
-        for t in c.get("dag", {}).get("tasks", {}).values()
-        if t.get("retryPolicy")
-    ]
-    assert len(retry) >= 3 and retry[0]["retryPolicy"]["maxRetryCount"] == 5
+    cfg = config.load(GPU_PRESET)
+    retry = [t["retryPolicy"] for t in _tasks(spec) if t.get("retryPolicy")]
+    assert len(retry) == 3 and {r["maxRetryCount"] for r in retry} == {cfg.resources.retries}
+    assert {r["backoffMaxDuration"] for r in retry} == {f"{config.retry_window_s(cfg)}s"}
+    assert {k8s[e]["activeDeadlineSeconds"] for e in k8s} == {str(int(cfg.resources.timeout_hours * 3600))}
+
+
+def test_cluster_compile_of_a_gpu_preset_needs_gs_checkpoints(tmp_path, capsys):
+    path = tmp_path / "p.yaml"
+    with pytest.raises(ConfigError, match=r"^runtime\.checkpoint_dir='/ckpt' is not allowed .* gs://"):
+        compile_pipeline(config.load("imagenet", ["runtime.checkpoint_dir=/ckpt"]), str(path))
+    assert not path.exists()  # refused before anything is written
+    assert cli.main(["compile", "--preset", "imagenet", "--output", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "runtime.checkpoint_dir" in err and "gs://BUCKET" in err, err
+    assert not path.exists()
+    compile_pipeline(config.load("imagenet"), str(path), target="local")  # kfp.local needs none
+    compile_pipeline(config.load("demo"), str(path))  # nor does a CPU config
+    # with one, every distill task resumes from it: tests/pipelines/test_backend_contract.py
+
+
+def test_caching_off_compiles_every_task_uncached(tmp_path):
+    spec, _ = _compiled(tmp_path / "p.yaml", config.load(GPU_PRESET, [CHECKPOINTS]), caching=False)
+    cached = [t["taskInfo"]["name"] for t in _tasks(spec) if t.get("cachingOptions", {}).get("enableCache")]
+    assert cached == [] and len([t for t in _tasks(spec) if "cachingOptions" in t]) >= 8
+    spec, _ = _compiled(tmp_path / "p.yaml", config.load(GPU_PRESET, [CHECKPOINTS]))
+    assert {t["taskInfo"]["name"] for t in _tasks(spec) if t.get("cachingOptions", {}).get("enableCache")} >= {
+        "data prep",
+        "distill",
+    }
+
+
+def test_cpu_config_sends_nothing_to_the_gpu_pool(tmp_path):
+    spec, platform = _compiled(tmp_path / "p.yaml", config.load("demo"))
+    execs = spec["deploymentSpec"]["executors"]
+    assert not any(e["container"].get("resources", {}).get("accelerator") for e in execs.values())
+    assert all("funmatch-cpu" in e["container"]["image"] for e in execs.values())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == {"exec-train-teacher", "exec-distill", "exec-distill-2"}  # a deadline each, no GPU node
+    assert all(set(c) == {"activeDeadlineSeconds"} for c in k8s.values())
+    distill = next(t for t in _tasks(spec) if t["componentRef"]["name"] == "comp-distill")
+    assert distill["inputs"]["parameters"]["num_accelerators"] == {"runtimeValue": {"constant": "0"}}
 
 
 @pytest.mark.slow
@@ -153,14 +201,13 @@ def test_quality_gate_in_ir_and_stop_says_why(ir, tmp_path, capsys):
     assert not (tmp_path / "run" / "model.onnx").exists()  # nothing exported or published
 
 
-@pytest.mark.parametrize("preset", ["demo", "imagenet"])
+@pytest.mark.parametrize("preset", ["demo", GPU_PRESET, "imagenet"])
 def test_ir_every_parameter_reference_resolves(tmp_path, preset):
     """Each task input read from its DAG's inputs names an input the DAG has, and every parameter a GPU
     request reads is an input of the tasks that make it (the KFP gap worked around in the README)."""
     import re
 
-    compile_pipeline(config.load(preset), str(tmp_path / "p.yaml"))
-    spec = next(d for d in yaml.safe_load_all((tmp_path / "p.yaml").read_text()) if d)
+    spec, _ = _compiled(tmp_path / "p.yaml", config.load(preset, [CHECKPOINTS]))
     components = spec["components"] | {"root": spec["root"]}
     gpu_tasks = 0
     for name, comp in components.items():
@@ -175,5 +222,5 @@ def test_ir_every_parameter_reference_resolves(tmp_path, preset):
             for param in re.findall(r"inputs\.parameters\['([^']+)'\]", json.dumps(resources)):
                 assert param in inputs, (task_name, param)
             gpu_tasks += bool(resources.get("accelerator"))
-    # teacher fine-tune + distill ×2 branches; ImageNet also evaluates on the GPU pool (×2 branches)
-    assert gpu_tasks == {"demo": 3, "imagenet": 5}[preset]
+    # demo: a CPU config; teacher fine-tune + distill ×2 branches; ImageNet also evaluates on the GPU pool (×2)
+    assert gpu_tasks == {"demo": 0, GPU_PRESET: 3, "imagenet": 5}[preset]

@@ -106,9 +106,11 @@ def test_same_step_same_views_other_step_other_views():
 
 
 def test_ensemble_teachers_get_the_same_crop_at_their_own_resolutions():
-    (t384, t224), s = augment.distill_views(
+    teachers, s = augment.distill_views(
         _smooth_images(size=64), "funmatch", (64, 32), 32, (0.05, 1.0), augment.step_generator(1, 2)
     )
+    assert teachers is not None
+    t384, t224 = teachers
     assert t384.shape[-1] == 64 and t224.shape[-1] == 32 and torch.equal(t224, s)
 
 
@@ -131,4 +133,5 @@ def test_sharded_views_are_slices_of_the_global_batch(setup):
         part = slice(rank * 4, rank * 4 + 4)
         assert torch.allclose(s, full_s[part], atol=1e-5)
         if setup != "fixed":
-            assert all(torch.allclose(a, b[part], atol=1e-5) for a, b in zip(t, full_t))
+            assert t is not None and full_t is not None
+            assert all(torch.allclose(a, b[part], atol=1e-5) for a, b in zip(t, full_t, strict=True))

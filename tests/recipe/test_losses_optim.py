@@ -54,6 +54,7 @@ def test_decoupled_weight_decay_follows_big_vision_not_lr_scaled():
     opt = optim.distill_optimizer(lin, lr, wd)
     optim.set_lr(opt, lr * sched)
     lin(torch.randn(5, 3)).sum().backward()
+    assert lin.weight.grad is not None
     g = lin.weight.grad.clone()
     opt.step()
     adam_dir = g / (g.abs() + 1e-8)  # first Adam step: m̂/√v̂ = g/|g|

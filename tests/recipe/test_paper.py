@@ -119,7 +119,7 @@ def _flowers(root):
 
 def _pets(root):
     base = root / "oxford-iiit-pet"
-    rows = {"trainval": [], "test": []}
+    rows: dict[str, list[str]] = {"trainval": [], "test": []}
     for c, breed in enumerate(["Abyssinian", "beagle", "great_pyrenees"], start=1):
         for i in range(10):
             image_id = f"{breed}_{i}"
@@ -132,7 +132,7 @@ def _pets(root):
 
 def _food(root):
     base = root / "food-101"
-    meta = {"train": {}, "test": {}}
+    meta: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
     for c in ("apple_pie", "sushi"):
         for i in range(10):
             split = "train" if i < 8 else "test"

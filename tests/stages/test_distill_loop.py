@@ -30,7 +30,7 @@ def test_hooks_see_the_start_every_step_and_every_committed_checkpoint(tmp_path,
     ck = tmp_path / "ck"
     events: list[tuple] = []
     hooks = distill.Hooks(
-        on_start=lambda step, ckpt: events.append(("start", step, ckpt.directory)),
+        on_start=lambda step, ckpt: events.append(("start", step, None if ckpt is None else ckpt.directory)),
         on_step=lambda step: events.append(("step", step)),
         on_checkpoint=lambda step, ckpt: events.append(
             ("saved", step, all(os.path.exists(f) for f in ckpt.files(step)))
@@ -83,9 +83,12 @@ def test_diverging_lr_is_stopped_and_never_checkpointed(tmp_path, dataset_dir, t
     ck = tmp_path / "ck"
     with pytest.raises(TrainingError, match=r"non-finite (loss|gradient norm) \(\S+") as e:
         distill.run(cfg, dataset_dir, teacher_dir, tmp_path / "s", checkpoint_dir=str(ck))
-    bad = int(re.search(r"at step (\d+);", str(e.value)).group(1))
+    match = re.search(r"at step (\d+);", str(e.value))
+    assert match, str(e.value)
+    bad = int(match.group(1))
     assert _checkpoints(ck) == list(range(1, bad))
     if bad > 1:
         assert str(e.value).endswith(f"the last good checkpoint is step {bad - 1} in {ck}")
         state = CheckpointManager(str(ck), cfg.hash()).load_latest()
+        assert state is not None
         assert all(torch.isfinite(t).all() for name, t in state.tensors.items() if name.startswith("model/"))

@@ -66,7 +66,10 @@ def test_int8_model_is_qdq_per_channel_and_published(exported, tmp_path):
 
     export.publish_result(out, str(tmp_path / "pub"))
     sums = (tmp_path / "pub" / "SHA256SUMS").read_text().splitlines()
-    assert [line.split()[1] for line in sums] == ["model.onnx", quantize.INT8_FILE, "model.json", "metrics.json"]
+    published = [line.split()[1] for line in sums]
+    assert published == list(export.result_files(out))
+    assert published[:2] == ["model.onnx", quantize.INT8_FILE] and published[-2:] == ["model.json", "metrics.json"]
+    assert "serving/funmatch-int8/1/model.onnx" in published  # the INT8 model is served as its own entry
     assert (tmp_path / "pub" / quantize.INT8_FILE).read_bytes() == path.read_bytes()
 
 
@@ -99,7 +102,8 @@ def test_int8_refusal_keeps_fp32_export(tmp_path, int8_cfg, dataset_dir, student
     metrics = export.run(cfg, dataset_dir, student_dir, {"student/test/prec@1": 0.5}, out).metrics
     drop = metrics["export/fp32/test/prec@1"] - metrics["export/int8/test/prec@1"]
     assert drop > cfg.export.max_int8_drop
-    assert "more than export.max_int8_drop=0.01" in metrics["export/int8_refused"]
+    refused = metrics["export/int8_refused"]  # the reason, a str among the float metrics
+    assert isinstance(refused, str) and "more than export.max_int8_drop=0.01" in refused
     assert not (out / quantize.INT8_FILE).exists()
     assert (out / "model.onnx").is_file() and metrics["export/onnx_max_abs_diff"] <= 1e-3
     assert "int8" not in json.loads((out / "model.json").read_text())

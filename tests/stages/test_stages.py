@@ -94,7 +94,8 @@ def test_evaluate_and_export(tmp_path, tiny_cfg, dataset_dir, teacher_dir, stude
     exported = export.run(tiny_cfg, dataset_dir, student_dir, metrics, out, {"distill": 1.0})
     m = exported.metrics
     assert m["export/onnx_max_abs_diff"] <= 1e-3 and m["wall_s"] > 1.0
-    assert exported.files == ("model.onnx", "model.json", "metrics.json")
+    served = ("serving/funmatch/1/model.onnx", "serving/funmatch/config.pbtxt", "serving/funmatch/labels.txt")
+    assert exported.files == ("model.onnx", *served, "inferenceservice.yaml", "model.json", "metrics.json")
     assert json.loads((out / "metrics.json").read_text()) == m
     card = json.loads((out / "model.json").read_text())
     assert card["classes"][0] == "T-shirt/top" and card["input"]["shape"] == ["batch", 3, 32, 32]
@@ -106,7 +107,7 @@ def test_evaluate_and_export(tmp_path, tiny_cfg, dataset_dir, teacher_dir, stude
 
     export.publish_result(out, str(tmp_path / "published"))
     sums = (tmp_path / "published" / "SHA256SUMS").read_text().splitlines()
-    assert [line.split()[1] for line in sums] == ["model.onnx", "model.json", "metrics.json"]
+    assert [line.split()[1] for line in sums] == list(exported.files)
 
 
 def test_several_students_equal_separate_runs_on_the_same_batches(tmp_path, dataset_dir, teacher_dir):
@@ -182,7 +183,9 @@ def test_readme_consumer_snippet_runs_on_an_export(tmp_path, tiny_cfg, dataset_d
     export.run(tiny_cfg, dataset_dir, student_dir, metrics, tmp_path / "demo")
     Image.new("RGB", (50, 40), (200, 30, 30)).save(tmp_path / "photo.jpg")
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    snippet = re.search(r"```python\n(import json, numpy.*?)```", readme, re.S).group(1)
+    found = re.search(r"```python\n(import json, numpy.*?)```", readme, re.S)
+    assert found, "the README's consumer snippet is gone"
+    snippet = found.group(1)
     snippet = snippet.replace("runs/demo/", f"{tmp_path / 'demo'}/").replace(
         '"photo.jpg"', f'"{tmp_path / "photo.jpg"}"'
     )

@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -283,18 +284,19 @@ def test_interrupted_publish_is_never_visible(gcs, through, bundle, tmp_path, mo
 
 
 def test_racing_publishers_newest_wins_through_the_precondition(gcs, tmp_path, monkeypatch):
-    """Both read latest.json (absent) at once; the newer writes first; the older's write must then
+    """Both read latest.json (absent) at once to move it; the newer writes first; the older's write must then
     fail its generation precondition, re-read, and leave the pointer on the newer version."""
     base = f"{gcs.root}/models/race"
     read_both, newer_wrote = threading.Barrier(2, timeout=20), threading.Event()
     lost = []
     real_read, real_write = publish.read_latest, storage.write_bytes
-    first_read = set()
+    reads: dict[str, int] = {}
 
     def read_latest(b):
         result = real_read(b)
-        if threading.current_thread().name not in first_read:
-            first_read.add(threading.current_thread().name)
+        me = threading.current_thread().name
+        reads[me] = reads.get(me, 0) + 1
+        if reads[me] == 2:  # the first read is publish's "same as latest?" check, the second move_latest's
             read_both.wait()
         return result
 
@@ -346,7 +348,7 @@ def test_many_racing_publishers_keep_latest_whole(gcs, tmp_path):
                 entry = json.loads(storage.read_bytes(f"{base}/latest.json"))
             except storage.ObjectNotFound:
                 continue
-            except Exception as e:  # a torn or unparsable pointer
+            except (ValueError, KeyError, TypeError, storage.StorageError) as e:  # a torn or unparsable pointer
                 bad.append(repr(e))
                 continue
             seen.add(entry["version"])
@@ -357,7 +359,7 @@ def test_many_racing_publishers_keep_latest_whole(gcs, tmp_path):
     watcher.start()
     publishers = [
         threading.Thread(target=publish.publish, args=(b, base), kwargs={"created": c})
-        for b, c in zip(bundles, created)
+        for b, c in zip(bundles, created, strict=True)
     ]
     for t in publishers:
         t.start()
@@ -371,7 +373,7 @@ def test_many_racing_publishers_keep_latest_whole(gcs, tmp_path):
     assert storage.list_dirs(base) == sorted(
         publish.version_name({"config_hash": "fac859a8db4f9e5c", "package": {"version": "0.1.0"}}, c) for c in created
     )
-    for c, b in zip(created, bundles):
+    for c, b in zip(created, bundles, strict=True):
         v = publish.version_name({"config_hash": "fac859a8db4f9e5c", "package": {"version": "0.1.0"}}, c)
         assert sha(Path(publish.pull(f"{base}@{v}", tmp_path / f"p-{v}")["dest"]) / "model.onnx") == sha(
             b / "model.onnx"
@@ -387,6 +389,87 @@ def test_a_version_is_never_overwritten(gcs, tmp_path):
         publish.publish(b, base, created=T0)  # same name, other model
     pulled = publish.pull(base, tmp_path / "d")
     assert sha(Path(pulled["dest"]) / "model.onnx") == sha(a / "model.onnx")
+
+
+def test_publishing_the_same_model_bytes_again_is_one_version(gcs, bundle, tmp_path, caplog):
+    base = f"{gcs.root}/models/same"
+    first = publish.publish(bundle, base, created=T0)
+    again = shutil.copytree(bundle, tmp_path / "again")  # the same model, another run an hour later:
+    (again / "metrics.json").write_text(json.dumps({"wall_s": 123.0}))  # its metrics carry other wall clocks
+    with caplog.at_level("INFO", logger="funmatch.storage.publish"):
+        second = publish.publish(again, base, created=T0 + dt.timedelta(hours=1))
+    assert second == publish.Publication(uri=first.uri, version=first.version, latest_moved=True, reused=True)
+    assert storage.list_dirs(base) == [first.version]
+    (line,) = [r.getMessage() for r in caplog.records if "not publishing" in r.getMessage()]
+    assert f"the latest version {first.version} ({first.uri})" in line and "same .onnx sha256 sums" in line
+    assert json.loads(storage.read_bytes(f"{base}/latest.json"))["version"] == first.version
+
+    (again / "model.onnx").write_bytes(os.urandom(2000))  # other model bytes: a new version
+    third = publish.publish(again, base, created=T0 + dt.timedelta(hours=2))
+    assert not third.reused and third.latest_moved and storage.list_dirs(base) == [first.version, third.version]
+    assert json.loads(storage.read_bytes(f"{base}/latest.json"))["version"] == third.version
+
+
+SERVING = ("serving/fashion/config.pbtxt", "serving/fashion/1/model.onnx", "serving/inferenceservice.yaml")
+
+
+def test_nested_paths_publish_and_pull_as_a_tree(gcs, bundle, tmp_path):
+    for name in SERVING:
+        (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+        (bundle / name).write_bytes(os.urandom(500))
+    files = (*publish.BUNDLE_FILES, *SERVING)
+    base = f"{gcs.root}/models/served"
+    pub = publish.publish(bundle, base, files=files, created=T0)
+    sums = storage.read_bytes(f"{base}/{pub.version}/SHA256SUMS").decode().splitlines()
+    assert [line.split("  ")[1] for line in sums] == list(files)
+    assert f"{sha(bundle / SERVING[1])}  {SERVING[1]}" in sums
+    pulled = publish.pull(base, tmp_path / "pulled")
+    assert pulled["files"] == list(files)
+    assert sorted(str(p.relative_to(tmp_path / "pulled")) for p in (tmp_path / "pulled").rglob("*") if p.is_file()) == (
+        sorted([*files, "SHA256SUMS"])
+    )
+    for name in SERVING:
+        assert sha(tmp_path / "pulled" / name) == sha(bundle / name)
+    assert publish.publish(bundle, base, files=files, created=T0 + dt.timedelta(hours=1)).reused
+
+    flat = tmp_path / "flat"  # the flat layout keeps the tree too
+    publish.publish(bundle, str(flat), files=files)
+    assert all(sha(flat / name) == sha(bundle / name) for name in SERVING)
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/x", "serving/../../x", "./model.onnx", "a\\b", "a//b", "SHA256SUMS"])
+def test_publish_refuses_a_path_that_is_not_plain_relative(bundle, tmp_path, name):
+    with pytest.raises(publish.PublishError, match="expected relative POSIX paths"):
+        publish.publish(bundle, str(tmp_path / "out"), files=(*publish.BUNDLE_FILES, name))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("evil", ["../x", "/etc/x", "serving/../../x", "a\\b"])
+def test_pull_refuses_a_sums_entry_that_escapes(gcs, bundle, tmp_path, capsys, evil):
+    base = f"{gcs.root}/models/evil"
+    pub = publish.publish(bundle, base, created=T0)
+    sums_uri = f"{base}/{pub.version}/SHA256SUMS"
+    storage.write_bytes(sums_uri, storage.read_bytes(sums_uri) + f"{'0' * 64}  {evil}\n".encode())
+    dest = tmp_path / "d" / "pulled"
+    assert cli.main(["pull", f"{base}@{pub.version}", str(dest)]) == 2
+    line = f"{'0' * 64}  {evil}"
+    assert f"line {line[:80]!r} is not '<sha256>  <relative path>'" in one_line_error(capsys)  # shown up to 80 chars
+    assert not (tmp_path / "d").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_pull_refuses_a_symlink_in_dest_that_leads_out(gcs, bundle, tmp_path, capsys):
+    (bundle / SERVING[2]).parent.mkdir()
+    (bundle / SERVING[2]).write_text("kind: InferenceService\n")
+    base = f"{gcs.root}/models/linked"
+    publish.publish(bundle, base, files=(*publish.BUNDLE_FILES, SERVING[2]), created=T0)
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / "serving").symlink_to(tmp_path / "outside")
+    assert cli.main(["pull", base, str(tmp_path / "dest")]) == 2
+    assert f"outside {tmp_path / 'dest'}; refusing the download" in one_line_error(capsys)
+    assert list((tmp_path / "outside").iterdir()) == [] and sorted(p.name for p in (tmp_path / "dest").iterdir()) == [
+        "serving"
+    ]
 
 
 def test_model_card_provenance(tmp_path, monkeypatch):
@@ -442,4 +525,5 @@ def test_checkpoints_on_gcs_move_latest_by_generation_and_survive_a_corrupt_newe
     assert ckpt.latest_step() == 15
     assert storage.read_with_generation(f"{gcs.root}/run/distill/latest")[1] == generation
     storage.write_bytes(f"{gcs.root}/run/distill/ckpt-000000015.safetensors", b"truncated")
-    assert ckpt.load_latest().step == 10  # the pointed-at checkpoint is corrupt: the previous one
+    loaded = ckpt.load_latest()
+    assert loaded is not None and loaded.step == 10  # the pointed-at checkpoint is corrupt: the previous one
