@@ -64,7 +64,8 @@ $(STAMP): pyproject.toml constraints.txt
 	  fi; \
 	fi
 	@echo "make: installing funmatch and its dev tools into $(VENV) (pip install -c constraints.txt -e '.[dev]')"
-	"$(VPY)" -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@# -qq: errors only, so `make demo` stays short (a machine's pip settings can warn on every package)
+	"$(VPY)" -m pip install --quiet --quiet -c constraints.txt -e '.[dev]'
 	@touch "$(STAMP)"
 
 demo: setup

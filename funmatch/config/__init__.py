@@ -23,7 +23,6 @@ from funmatch.config import archs
 from funmatch.errors import ConfigError
 
 SETUPS = ("fixed", "independent", "consistent", "funmatch")
-NAMED_DATASETS = ("flowers102", "pets", "food101", "sun397", "imagenet")
 OPTIMIZERS = ("adam", "shampoo")
 STEM_POOLS = ("zero_pad", "neg_inf_pad")
 PRECISIONS = ("fp32", "bf16")
@@ -408,7 +407,7 @@ def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
 SMOKE: dict[str, Any] = {
     "data.source": "demo",
     "data.stored_resolution": 28,
-    "teacher.arch": "bit-r18-mini",
+    "teacher.arch": "bit-r14-mini",  # bottleneck blocks, like R152x2: a given BiT .npz can stand in
     "teacher.init": "none",
     "teacher.finetune": True,
     "teacher.resolution": 32,

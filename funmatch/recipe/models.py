@@ -3,22 +3,25 @@
 Names: `bit-r{50x1,101x1,50x3,101x3,152x2,152x4}` are the BiT models of the paper (teacher R152x2,
 student R50x1); `bit-r18-mini` / `bit-r14-mini` are small BiT-style nets for CPU demos and tests;
 `resnet50` is torchvision's BatchNorm ResNet-50; `mobilenetv3-large-gn` is MobileNetV3-Large with
-GroupNorm (8 groups) as in the paper. Checkpoints: BiT `.npz` (original TF key layout, read by timm)
-or `.safetensors` (a state dict). Nothing here downloads.
+GroupNorm (8 groups) as in the paper. Checkpoints: BiT `.npz` (big_transfer's or big_vision's key layout,
+`funmatch.recipe.bit_npz`) or `.safetensors` (a state dict). Nothing here downloads.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from funmatch.config.archs import ARCHS, check_arch
 from funmatch.errors import CheckpointError
+from funmatch.recipe import bit_npz
+
+log = logging.getLogger(__name__)
 
 
 def create_model(
@@ -98,17 +101,12 @@ def head_classes(model: nn.Module) -> int:
 # ---------------------------------------------------------------- checkpoints
 
 
-def _npz_head_classes(path: str) -> int | None:
-    with np.load(path, allow_pickle=False) as z:
-        key = next((k for k in z.files if k.endswith("head/conv2d/kernel")), None)
-        return int(z[key].shape[-1]) if key else None
-
-
 def load_init(model: nn.Module, arch: str, path: str, *, load_head: bool) -> None:
-    """Loads a local `.npz` (BiT) or `.safetensors` file into `model`, checking every shape first.
+    """Loads a local `.npz` (BiT, big_transfer or big_vision layout) or `.safetensors` file into `model`,
+    checking every key and shape first.
 
     `load_head=False` keeps the model's (new) head, as when fine-tuning for other classes.
-    Raises CheckpointError naming the first tensors that do not fit `arch`.
+    Raises CheckpointError naming the first tensor or key that does not fit `arch`.
     """
     num_classes = head_classes(model)
     if path.endswith(".npz"):
@@ -118,23 +116,9 @@ def load_init(model: nn.Module, arch: str, path: str, *, load_head: bool) -> Non
 
         if not isinstance(model, ResNetV2):
             raise CheckpointError(f"{path}: BiT .npz checkpoints load into a timm ResNetV2, not {type(model).__name__}")
-        try:
-            head = _npz_head_classes(path)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable .npz checkpoint ({e})") from e
-        if load_head and head != num_classes:
-            raise CheckpointError(
-                f"{path}: head has {head} classes but the dataset has {num_classes}; "
-                "fine-tune it (teacher.finetune=true) or give a teacher trained for these classes"
-            )
-        reference = {k: v.shape for k, v in model.state_dict().items()}
-        try:
-            model.load_pretrained(path, prefix="resnet/")  # timm's BiT loader, allow_pickle=False
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{path} does not fit {arch}: {e}") from e
-        changed = [k for k, v in model.state_dict().items() if v.shape != reference[k]]
-        if changed:
-            raise CheckpointError(f"{path} does not fit {arch}: shapes of {changed[:3]} differ")
+        layout, tensors = bit_npz.read(path, model, arch, load_head=load_head)
+        log.info("%s: BiT .npz in %s layout", path, layout)
+        model.load_state_dict(tensors, strict=load_head)
         return
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -178,6 +162,25 @@ def _is_head_key(model: nn.Module, key: str) -> bool:
     head = classifier(model)
     names = {f"{n}.{p}" for n, m in model.named_modules() if m is head for p in ("weight", "bias")}
     return key in names
+
+
+def init_stem_pool(path: str, configured: str, key: str) -> str:
+    """The stem max-pool padding for a model initialised from the local file `path` (`key`: the config key).
+
+    A big_vision-layout `.npz` gets `neg_inf_pad`, the padding of big_vision's bit_paper that trained it,
+    whatever `configured` says (logged when that differs); anything else keeps `configured`, and an explicit
+    `neg_inf_pad` for a big_transfer-layout file is kept with a warning.
+    """
+    if not path.endswith(".npz"):
+        return configured
+    layout = bit_npz.layout(path)
+    if layout == bit_npz.BIG_VISION:
+        if configured != "neg_inf_pad":
+            log.info("%s: big_vision layout, so %s=neg_inf_pad (bit_paper's -inf max-pool padding)", path, key)
+        return "neg_inf_pad"
+    if configured != "zero_pad":
+        log.warning("%s: big_transfer layout (zero max-pool padding) but %s=%s: keeping %s", path, key, configured, key)
+    return configured
 
 
 def fold_weight_standardization(model: nn.Module) -> nn.Module:

@@ -423,13 +423,15 @@ class Learner:
         self,
         arch: str,
         res: int,
+        stem_pool: str,
         model: torch.nn.Module,
         opt: torch.optim.Optimizer,
         forward: Callable[[torch.Tensor], torch.Tensor],
         ckpt: CheckpointManager | None,
         resume_step: int | None = None,
     ) -> None:
-        self.arch, self.res, self.model, self.opt, self.forward, self.ckpt = arch, res, model, opt, forward, ckpt
+        self.arch, self.res, self.stem_pool = arch, res, stem_pool
+        self.model, self.opt, self.forward, self.ckpt = model, opt, forward, ckpt
         self.start, self.history = 0, []
         self.running, self.window = torch.zeros((), device=next(model.parameters()).device), 0
         self.unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss, grad norm) on the device
@@ -567,9 +569,11 @@ def _learner(
     s, k = cfg.student, cfg.distill
     # Initialised from (seed, arch, resolution): a student starts the same alone or beside others.
     torch.manual_seed(zlib.crc32(f"{cfg.runtime.seed}:{arch}:{res}".encode()))
-    model = models.create_model(arch, num_classes, stem_pool=s.stem_pool, zero_head=s.zero_head, device=device)
-    if split_uris(s.init) and arch == s.arch:
-        models.load_init(model, arch, storage.fetch(s.init, Path(out_dir).parent / ".cache"), load_head=False)
+    init = storage.fetch(s.init, Path(out_dir).parent / ".cache") if split_uris(s.init) and arch == s.arch else ""
+    stem_pool = models.init_stem_pool(init, s.stem_pool, "student.stem_pool") if init else s.stem_pool
+    model = models.create_model(arch, num_classes, stem_pool=stem_pool, zero_head=s.zero_head, device=device)
+    if init:
+        models.load_init(model, arch, init, load_head=False)
         model.to(device)
     model.to(memory_format=fmt)
     opt = optim.distill_optimizer(model, k.lr, k.weight_decay, k.optimizer)
@@ -591,7 +595,7 @@ def _learner(
         if checkpoint_dir
         else None
     )
-    return Learner(arch, res, model, opt, forward, ckpt, resume_step)
+    return Learner(arch, res, stem_pool, model, opt, forward, ckpt, resume_step)
 
 
 def _write_students(
@@ -606,6 +610,7 @@ def _write_students(
         "crop_pct": cfg.eval.crop_pct,
         "teacher": teacher.info["arch"],
         "teacher_resolution": teacher.resolutions[0],
+        "teacher_stem_pool": teacher.info.get("stem_pool", "zero_pad"),
         "setup": k.setup,
         "steps": steps,
         "epochs": k.epochs,
@@ -619,13 +624,13 @@ def _write_students(
         models.save_bundle(
             target_dir,
             [learner.model.cpu()],
-            common | {"arch": learner.arch, "resolution": learner.res, "stem_pool": s.stem_pool},
+            common | {"arch": learner.arch, "resolution": learner.res, "stem_pool": learner.stem_pool},
         )
         (target_dir / "history.json").write_text(json.dumps(learner.history))
     return common | {
         "arch": s.arch,
         "resolution": s.resolution,
-        "stem_pool": s.stem_pool,
+        "stem_pool": learners[0].stem_pool,
         "extra_students": [f"extra-{i}" for i in range(1, len(learners))],
     }
 

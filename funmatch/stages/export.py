@@ -91,8 +91,13 @@ def model_card(cfg: Config, info: dict, metrics: dict) -> dict:
             "setup": info["setup"],
             "steps": info["steps"],
             "epochs": info["epochs"],
+            "stem_pool": info.get("stem_pool", "zero_pad"),  # max-pool padding: zero_pad | neg_inf_pad (big_vision)
         },
-        "teacher": {"arch": info["teacher"], "resolution": info["teacher_resolution"]},
+        "teacher": {
+            "arch": info["teacher"],
+            "resolution": info["teacher_resolution"],
+            "stem_pool": info.get("teacher_stem_pool", "zero_pad"),
+        },
         "metrics": {
             k: metrics[k]
             for k in ("student/test/prec@1", "teacher/test/prec@1", "student/test/agree@1")

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from funmatch import config, runtime, storage
 from funmatch.config import Config, split_uris
 from funmatch.data import loader, prepared
+from funmatch.errors import CheckpointError
 from funmatch.recipe import augment, models, optim
 from funmatch.recipe.metrics import prec1
 from funmatch.stages.evaluate import predict
@@ -43,13 +44,26 @@ def given_teacher(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> 
     """teacher.finetune=false: load each checkpoint with its head (shapes checked) into the artifact."""
     clock = runtime.Stopwatch()
     manifest = prepared.read_manifest(dataset_dir)
+    t = cfg.teacher
+    files = [storage.fetch(uri, Path(out_dir).parent / ".cache") for uri in split_uris(t.init)]
+    pools = [models.init_stem_pool(f, t.stem_pool, "teacher.stem_pool") for f in files]
+    if len(set(pools)) > 1:
+        raise CheckpointError(
+            f"teacher.init mixes big_vision- and big_transfer-layout files ({t.init}); "
+            "set teacher.stem_pool=neg_inf_pad to run every member with big_vision's max-pool padding"
+        )
     members = []
-    for uri in split_uris(cfg.teacher.init):
-        model = models.create_model(cfg.teacher.arch, manifest["num_classes"], stem_pool=cfg.teacher.stem_pool)
-        models.load_init(model, cfg.teacher.arch, storage.fetch(uri, Path(out_dir).parent / ".cache"), load_head=True)
+    for f, stem_pool in zip(files, pools, strict=True):
+        model = models.create_model(t.arch, manifest["num_classes"], stem_pool=stem_pool)
+        models.load_init(model, t.arch, f, load_head=True)
         members.append(model)
     info = _info(
-        cfg, manifest, finetuned=False, member_resolutions=config.member_resolutions(cfg.teacher), wall_s=clock()
+        cfg,
+        manifest,
+        finetuned=False,
+        member_resolutions=config.member_resolutions(t),
+        stem_pool=pools[0] if pools else t.stem_pool,
+        wall_s=clock(),
     )
     models.save_bundle(out_dir, members, info)
     return info
@@ -76,10 +90,11 @@ def run(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict:
     n = batches.n
 
     # Model: pretrained body (if any) + a fresh zero head for these classes.
-    model = models.create_model(t.arch, manifest["num_classes"], stem_pool=t.stem_pool, zero_head=True, device=device)
-    inits = split_uris(t.init)
+    inits = [storage.fetch(uri, Path(out_dir).parent / ".cache") for uri in split_uris(t.init)[:1]]
+    stem_pool = models.init_stem_pool(inits[0], t.stem_pool, "teacher.stem_pool") if inits else t.stem_pool
+    model = models.create_model(t.arch, manifest["num_classes"], stem_pool=stem_pool, zero_head=True, device=device)
     if inits:
-        models.load_init(model, t.arch, storage.fetch(inits[0], Path(out_dir).parent / ".cache"), load_head=False)
+        models.load_init(model, t.arch, inits[0], load_head=False)
         model.to(device)
 
     # BiT-HyperRule.
@@ -124,7 +139,9 @@ def run(cfg: Config, dataset_dir: str | Path, out_dir: str | Path) -> dict:
     val_x, val_y = prepared.load_split(dataset_dir, "val")
     logits = predict([model], torch.from_numpy(val_x), t.resolution, cfg.eval, device)
     val_acc = prec1(logits, torch.from_numpy(val_y))
-    info = _info(cfg, manifest, finetuned=True, steps=steps, val_prec1=round(val_acc, 4), wall_s=clock())
+    info = _info(
+        cfg, manifest, finetuned=True, steps=steps, val_prec1=round(val_acc, 4), stem_pool=stem_pool, wall_s=clock()
+    )
     models.save_bundle(out_dir, [model.cpu()], info)
     log.info("teacher val prec@1 %.4f (%.1fs)", val_acc, info["wall_s"])
     return info

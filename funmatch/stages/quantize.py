@@ -150,30 +150,6 @@ def quantize(
     return info
 
 
-def describe(path: str | Path) -> dict:
-    """What the INT8 file holds: QDQ node counts and how many weight scales are per-channel."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    inits = {i.name: i for i in model.graph.initializer}
-    counts: dict[str, int] = {}
-    per_channel = per_tensor = 0
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        if (
-            node.op_type == "DequantizeLinear"
-            and node.input[0] in inits
-            and inits[node.input[0]].data_type == onnx.TensorProto.INT8
-        ):  # a weight (activations are uint8)
-            scale = numpy_helper.to_array(inits[node.input[1]])
-            if scale.size > 1:
-                per_channel += 1
-            else:
-                per_tensor += 1
-    return {"ops": counts, "int8_weights_per_channel": per_channel, "int8_weights_per_tensor": per_tensor}
-
-
 # ---------------------------------------------------------------- running
 
 
