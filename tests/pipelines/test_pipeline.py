@@ -135,7 +135,8 @@ def test_whole_dag_runs_locally_and_reruns_from_cache(tmp_path, capsys):
     start = time.perf_counter()
     assert cli.main(["run", "--preset", "demo-tiny", "--output", str(tmp_path / "run")]) == 0
     first = time.perf_counter() - start
-    for name in ("model.onnx", "model.json", "metrics.json", "pipeline.yaml", "SHA256SUMS"):
+    serving = ("serving/funmatch/config.pbtxt", "serving/funmatch/1/model.onnx", "inferenceservice.yaml")
+    for name in ("model.onnx", "model.json", "metrics.json", "pipeline.yaml", "SHA256SUMS", *serving):
         assert (tmp_path / "run" / name).exists()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["export/onnx_max_abs_diff"] <= 1e-3 and metrics["wall_s"] > 0

@@ -85,7 +85,7 @@ def test_presets_json_states_paper_figures_and_cost(capsys):
 @pytest.mark.parametrize("preset", ["flowers102-long", "imagenet-ensemble"])
 def test_smoke_variant_keeps_the_recipe_on_tiny_models(preset):
     full, smoke = config.load(preset), config.load(preset, ["smoke=true"])
-    assert smoke.teacher.arch == "bit-r18-mini" and smoke.data.source == "demo" and smoke.runtime.device == "cpu"
+    assert smoke.teacher.arch == "bit-r14-mini" and smoke.data.source == "demo" and smoke.runtime.device == "cpu"
     for key in ("setup", "temperature", "lr", "weight_decay", "optimizer", "crop_min_area", "grad_clip_norm"):
         assert getattr(smoke.distill, key) == getattr(full.distill, key)
 
