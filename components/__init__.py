@@ -1,5 +1,5 @@
 """Thin KFP adapters, one per stage: each body imports `funmatch` and calls one function of
-`funmatch.tasks`. Top-level imports are stdlib and kfp only; `install_kfp_package=False` and no
+`funmatch.launch.tasks`. Top-level imports are stdlib and kfp only; `install_kfp_package=False` and no
 `packages_to_install`: the images (and the local environment) already hold everything.
 
 Images: `FUNMATCH_IMAGE_PREFIX` (default `ghcr.io/funmatch`) and `FUNMATCH_IMAGE_TAG` (default: the

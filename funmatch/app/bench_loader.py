@@ -3,7 +3,7 @@
 Reads a prepared dataset artifact — yours (`--dataset`), or a synthetic JPEG one at the preset's stored
 resolution whose images have the 1/f amplitude spectrum of photographs (so they cost about what
 photographs cost to decode; the bytes per image are reported to compare) — through
-`funmatch.loader.Batches` exactly as distill streams it: seeded batches, DataLoader worker processes,
+`funmatch.data.loader.Batches` exactly as distill streams it: seeded batches, DataLoader worker processes,
 pinned memory, copy to the device. For each worker count asked it prints img/s and img/s per worker,
 and the single-process decode rate, and writes them as JSON.
 """

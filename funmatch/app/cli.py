@@ -178,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
     stage_sub = stage.add_subparsers(dest="stage", required=True)
     sd = stage_sub.add_parser(
         "distill",
-        help="distillation: funmatch.distill.run on local or gs:// artifacts",
+        help="distillation: funmatch.stages.distill.run on local or gs:// artifacts",
         description="Runs the distill stage on the given artifacts (directories or gs:// prefixes; gs:// inputs are "
         "fetched once per node into --cache-dir). Under torchrun each process runs this; rank 0 writes "
         "the student to --output and marks it complete. See funmatch/launch/trainjob.py.",

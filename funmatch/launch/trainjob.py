@@ -12,7 +12,7 @@ runs, in the CUDA image,
 
 torchrun takes nodes, processes per node (the task's accelerator count), node rank and master
 address from the `PET_*` variables that the Trainer's torch plugin sets; `run_worker` (below) fetches
-the inputs to the node, calls `funmatch.distill.run`, and rank 0 publishes the student.
+the inputs to the node, calls `funmatch.stages.distill.run`, and rank 0 publishes the student.
 
 Data flow: everything the pods read or write goes through gs:// under the checkpoint root, which must
 be a gs:// URI for `num_nodes > 1` (the pods share no file system with the launcher):

@@ -39,3 +39,29 @@ def test_every_environment_variable_is_documented():
     )
     assert {"FUNMATCH_IMAGE_PREFIX", "FUNMATCH_GCS_DEADLINE_S", "FUNMATCH_TRAINJOB_RUNTIME"} <= used
     assert sorted(used - table) == []
+
+
+def test_every_dotted_name_the_docs_and_docstrings_use_resolves():
+    """`funmatch.stages.distill.run` and the like, in README, docs/ and the code's own text, name a module or
+    an attribute that exists (a moved module leaves no stale dotted name behind)."""
+    import importlib
+
+    texts = [*DOCS, *(p for top in ("funmatch", "components", "pipelines") for p in (ROOT / top).rglob("*.py"))]
+    names = {n for p in texts for n in re.findall(r"\bfunmatch(?:\.[A-Za-z_]\w*)+", p.read_text())}
+    names = {n.removesuffix(".py") for n in names} - {"funmatch.egg-info", "funmatch.dev"}
+    unresolved = []
+    for name in sorted(names):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ModuleNotFoundError:
+                continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            unresolved.append(name)
+    assert {"funmatch.stages.distill.run", "funmatch.data.loader.Batches"} <= names
+    assert unresolved == []
