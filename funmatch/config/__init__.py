@@ -22,7 +22,19 @@ import yaml
 from funmatch.config import archs
 from funmatch.errors import ConfigError
 
-SETUPS = ("fixed", "independent", "consistent", "funmatch")
+# The paper's teaching variants (Fig. 3 / App. C, recipe.md §1): fix/* precompute the teacher's targets.
+VARIANTS = ("fix/rs", "fix/cc", "fix/ic_ens", "ind/rc", "ind/ic", "same/rc", "same/ic", "funmatch")
+# The earlier names, still accepted as they are (not rewritten, so their config hashes stay).
+SETUP_ALIASES = {"fixed": "fix/cc", "independent": "ind/ic", "consistent": "same/ic"}
+FIXED_SETUPS = ("fix/rs", "fix/cc", "fix/ic_ens", "fixed")  # the teacher's targets are precomputed once
+SETUPS = ("fixed", "independent", "consistent", "funmatch")  # the four setups `experiment teaching-setups` compares
+
+
+def canonical_setup(setup: str) -> str:
+    """The paper's name of a `distill.setup` value (an alias maps to its variant, others stay)."""
+    return SETUP_ALIASES.get(setup, setup)
+
+
 OPTIMIZERS = ("adam", "shampoo")
 STEM_POOLS = ("zero_pad", "neg_inf_pad")
 PRECISIONS = ("fp32", "bf16")
@@ -30,13 +42,30 @@ JPEG_DECODERS = ("cpu", "device")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def setting(default: Any, *, hashed: bool = True, parameter: str = "", parameter_type: type | None = None) -> Any:
+def setting(
+    default: Any,
+    *,
+    hashed: bool = True,
+    parameter: str = "",
+    parameter_type: type | None = None,
+    hash_omit_default: bool = False,
+) -> Any:
     """A config key with what it declares about itself. `hashed=False`: the key does not change the
     trained weights (logging, checkpoint cadence, device), so it stays out of `Config.hash()` and a run
     may resume with it changed. `parameter`: the name of the pipeline parameter that sets it from the
     Kubeflow UI (every such key is one input of the DAG and of the data prep task); `parameter_type`: that
-    parameter's type when it is not the key's (the data prep task converts it back to the key's)."""
-    return field(default=default, metadata={"hashed": hashed, "parameter": parameter, "parameter_type": parameter_type})
+    parameter's type when it is not the key's (the data prep task converts it back to the key's).
+    `hash_omit_default`: a key added later that is left out of `Config.hash()` while it has its default,
+    so configs written before it existed keep their hash."""
+    return field(
+        default=default,
+        metadata={
+            "hashed": hashed,
+            "parameter": parameter,
+            "parameter_type": parameter_type,
+            "hash_omit_default": hash_omit_default,
+        },
+    )
 
 
 @dataclass
@@ -98,7 +127,8 @@ class FinetuneConfig:
 
 @dataclass
 class DistillConfig:
-    setup: str = setting("funmatch", parameter="distill_setup")  # fixed | independent | consistent | funmatch
+    # fix/rs | fix/cc | fix/ic_ens | ind/rc | ind/ic | same/rc | same/ic | funmatch (aliases: SETUP_ALIASES)
+    setup: str = setting("funmatch", parameter="distill_setup")
     epochs: float = setting(10000.0, parameter="distill_epochs")
     batch_size: int = setting(512, parameter="distill_batch_size")
     lr: float = setting(0.003, parameter="distill_lr")
@@ -112,6 +142,9 @@ class DistillConfig:
     extra_students: str = ""  # more students fed by the same teacher forward: 'arch@res,arch@res'
     crop_min_area: float = 0.05  # inception crop area range (fraction of the image)
     crop_max_area: float = 1.0
+    # fix/ic_ens: inception crops averaged per image for the teacher's target (the paper: 1k); left out of
+    # the config hash at its default, so adding the key kept every existing hash
+    ensemble_crops: int = setting(1000, hash_omit_default=True)
     log_every: int = setting(50, hashed=False)  # steps between host syncs for logging
     eval_every: int = setting(
         0, hashed=False
@@ -240,7 +273,12 @@ class Config:
         if everything:
             kept = d
         else:
-            unhashed = {k for k, f in _fields().items() if not f.metadata.get("hashed", True)}
+            unhashed = {
+                k
+                for k, f in _fields().items()
+                if not f.metadata.get("hashed", True)
+                or (f.metadata.get("hash_omit_default") and get(self, k) == f.default)
+            }
             sections = sections or ("data", "teacher", "student", "finetune", "distill", "runtime")
             kept = {s: {k: v for k, v in d[s].items() if f"{s}.{k}" not in unhashed} for s in sections}
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
@@ -621,7 +659,13 @@ def validate(cfg: Config) -> None:
         "-1 (HyperRule) or a non-negative number",
     )
 
-    _check(k.setup in SETUPS, "distill.setup", k.setup, f"one of {', '.join(SETUPS)}")
+    _check(
+        k.setup in VARIANTS or k.setup in SETUP_ALIASES,
+        "distill.setup",
+        k.setup,
+        f"one of {', '.join(VARIANTS)} (or the aliases {', '.join(f'{a}={v}' for a, v in SETUP_ALIASES.items())})",
+    )
+    _check(k.ensemble_crops > 0, "distill.ensemble_crops", k.ensemble_crops, "a positive integer")
     _check(k.epochs > 0, "distill.epochs", k.epochs, "a positive number")
     _check(k.batch_size > 0, "distill.batch_size", k.batch_size, "a positive integer")
     _check(k.lr > 0, "distill.lr", k.lr, "a positive number")

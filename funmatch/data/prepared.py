@@ -244,19 +244,14 @@ class ShardedImages:
         return out
 
 
-def load_split(
-    dataset_dir: str | Path, split: str, verify: bool = True, limit: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(images N×S×S×3 uint8, labels N int64) of one split, or of its first `limit` images (only the
-    shards holding them are read: ImageNet's minitrain is 2 % of train); shard checksums verified."""
+def load_split(dataset_dir: str | Path, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(images N×S×S×3 uint8, labels N int64) of one whole split; shard checksums verified (a sample of a
+    large split: `load_sample`)."""
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     if split not in manifest["splits"]:
         raise DataError(f"{dataset_dir} has no split {split!r} (has {', '.join(manifest['splits'])})")
     shards = manifest["splits"][split]["shards"]
-    if limit is not None:
-        ends = np.cumsum([sh["count"] for sh in shards])
-        shards = shards[: int(np.searchsorted(ends, limit)) + 1] if limit > 0 else []
     if verify:
         for shard in shards:
             for kind in ("images", "labels", "offsets"):
@@ -274,11 +269,10 @@ def load_split(
         images = np.concatenate(
             [
                 source.gather(np.arange(start, start + count))
-                # `shards` may be a prefix of the split's (limit): strict=False stops at its end
-                for start, count, _ in zip(source.starts[:-1], source.counts, shards, strict=False)
+                for start, count in zip(source.starts[:-1], source.counts, strict=True)
             ]
         )
-    return (images, labels) if limit is None else (images[:limit], labels[:limit])
+    return images, labels
 
 
 def load_labels(dataset_dir: str | Path, split: str) -> np.ndarray:
@@ -294,6 +288,35 @@ def load_labels(dataset_dir: str | Path, split: str) -> np.ndarray:
             raise DataError(f"{path}: checksum mismatch, the dataset artifact is corrupt")
         out.append(np.load(path, allow_pickle=False))
     return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def stratified_sample(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded, class-stratified sample of `size` rows (all rows when fewer): each class
+    gets its share size·n_c/N rounded down, the rows left over go to the largest remainders (ties broken
+    by the seed); the rows of each class are a seeded random subset."""
+    n = len(labels)
+    if size >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = size * counts / n
+    take = np.floor(quota).astype(np.int64)
+    order = np.lexsort((rng.permutation(len(classes)), -(quota - take)))  # largest remainder, seeded ties
+    take[order[: size - int(take.sum())]] += 1
+    picked = [rng.choice(np.flatnonzero(labels == c), k, replace=False) for c, k in zip(classes, take, strict=True)]
+    return np.sort(np.concatenate(picked))
+
+
+def load_sample(dataset_dir: str | Path, split: str, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of `stratified_sample(labels, size, seed)` of one split: the labels are read whole
+    (checksums verified), then only the sampled images, row by row through the memory-mapped shards (the
+    image shards are not hashed: that would read the whole split)."""
+    labels = load_labels(dataset_dir, split)
+    idx = stratified_sample(labels, size, seed)
+    source = ShardedImages(dataset_dir, split)
+    if not len(idx):
+        return np.zeros((0,) + source.image_shape, np.uint8), np.zeros(0, np.int64)
+    return source.gather(idx), labels[idx]
 
 
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:

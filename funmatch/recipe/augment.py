@@ -1,7 +1,7 @@
 """Batched augmentation on the training device (train and eval presets in one module).
 
-Train (recipe.md §2.1): inception crop covering `area` of the image with aspect ratio uniform in
-[3/4, 4/3] (TF `sample_distorted_bounding_box` semantics: up to 10 attempts, else the whole image),
+Train (recipe.md §2.1): inception crop covering `area` of the image, sampled like TF's
+`sample_distorted_bounding_box` kernel (see `inception_boxes`),
 bilinear resize without antialiasing, random horizontal flip, values to [-1, 1], mixup with one
 a ~ Beta(1, 1) per batch, a = max(a, 1 - a), each image mixed with the batch rolled by one.
 The crop is sampled once and resized separately per model resolution.
@@ -19,10 +19,13 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from funmatch.config import canonical_setup
 from funmatch.runtime import to_device
 
-ASPECT_RANGE = (3 / 4, 4 / 3)
-ATTEMPTS = 10
+# tf.image.sample_distorted_bounding_box's op defaults, which big_vision's inception_crop leaves in place
+# (it passes only area_range and min_object_covered=0): aspect ratio w/h in [0.75, 1.33], 100 attempts.
+ASPECT_RANGE = (0.75, 1.33)
+ATTEMPTS = 100
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -40,36 +43,48 @@ def inception_boxes(
     generator: torch.Generator,
     aspect_range: tuple[float, float] = ASPECT_RANGE,
 ) -> torch.Tensor:
-    """n boxes (x0, y0, x1, y1) in pixels with integer corners, as TF's sample_distorted_bounding_box.
+    """n boxes (x0, y0, x1, y1) in pixels with integer corners, one per image of a height×width frame.
 
-    Per attempt: area fraction ~ U(area_range), aspect ratio w/h ~ U(aspect_range) (uniform, unlike
-    torchvision's log-uniform); h = round(sqrt(A/r)), w = round(sqrt(A*r)); accepted when it fits and
-    its rounded area is still in range. The first accepted attempt wins; none: the whole image.
+    The sampling of TF's SampleDistortedBoundingBoxV2 kernel (GenerateRandomCrop) with the whole image as
+    the only object and min_object_covered=0, in float32 like the kernel. Per attempt: aspect ratio
+    r = w/h ~ U(aspect_range); h_min = round(sqrt(min_area / r)), h_max = round(sqrt(max_area / r)),
+    h_max lowered until round(h_max·r) <= width, then capped at height; h ~ uniform integer in
+    [h_min, h_max] (h = h_max when h_min >= h_max); w = round(h·r) (round half to even); if w·h < min_area
+    h += 1, then if w·h > max_area h -= 1 (w recomputed each time); accepted when the area is in range
+    and the box fits. The first accepted of `ATTEMPTS` attempts wins, none: the whole image. Offsets
+    y0 ~ uniform integer in [0, height - h - 1] (0 when h = height), x0 likewise: as in the kernel, a
+    smaller crop never touches the bottom or right edge.
     """
-    area = height * width
-    u = torch.rand(n, ATTEMPTS, 4, generator=generator, dtype=torch.float64)
-    target = area * (area_range[0] + (area_range[1] - area_range[0]) * u[..., 0])
-    ratio = aspect_range[0] + (aspect_range[1] - aspect_range[0]) * u[..., 1]
-    h = torch.round(torch.sqrt(target / ratio))
-    w = torch.round(torch.sqrt(target * ratio))
-    covered = h * w / area
-    ok = (
-        (h >= 1)
-        & (w >= 1)
-        & (h <= height)
-        & (w <= width)
-        & (covered >= area_range[0] - 1e-9)
-        & (covered <= area_range[1] + 1e-9)
-    )
-    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
-    pick = first.clamp(min=0)
-    rows = torch.arange(n)
-    h, w, uy, ux = h[rows, pick], w[rows, pick], u[rows, pick, 2], u[rows, pick, 3]
-    y0 = torch.floor(uy * (height - h + 1)).clamp(max=height - h)
-    x0 = torch.floor(ux * (width - w + 1)).clamp(max=width - w)
+    f32 = torch.float32
+    min_area = torch.tensor(area_range[0], dtype=f32) * width * height
+    max_area = torch.tensor(area_range[1], dtype=f32) * width * height
+    lo, hi = torch.tensor(aspect_range[0], dtype=f32), torch.tensor(aspect_range[1], dtype=f32)
+    u = torch.rand(n, ATTEMPTS, 2, generator=generator, dtype=torch.float64)
+    ratio = u[..., 0].to(f32) * (hi - lo) + lo
+    h_min = torch.round(torch.sqrt(min_area / ratio))
+    h_max = torch.round(torch.sqrt(max_area / ratio))
+    # the largest height whose rounded width still fits: truncation of (width + 0.5 - 1e-7) / r in float64
+    fit = torch.floor((width + 0.5 - float(torch.tensor(1e-7, dtype=f32))) / ratio.double()).to(f32)
+    fit = torch.where(torch.round(fit * ratio) > width, fit - 1, fit)
+    h_max = torch.where(torch.round(h_max * ratio) > width, fit, h_max).clamp(max=height)
+    span = (h_max - h_min).clamp(min=0)
+    h = torch.minimum(h_min, h_max) + torch.floor(u[..., 1] * (span.double() + 1)).clamp(max=span.double()).to(f32)
+    w = torch.round(h * ratio)
+    small = w * h < min_area
+    h = torch.where(small, h + 1, h)
+    w = torch.round(h * ratio)
+    large = w * h > max_area
+    h = torch.where(large, h - 1, h)
+    w = torch.round(h * ratio)
+    ok = (w * h >= min_area) & (w * h <= max_area) & (w <= width) & (h <= height) & (w > 0) & (h > 0)
+    first = torch.where(ok.any(1), ok.to(torch.uint8).argmax(1), torch.full((n,), -1))
+    rows, pick = torch.arange(n), first.clamp(min=0)
     none = first < 0
-    h, w = torch.where(none, float(height), h), torch.where(none, float(width), w)
-    y0, x0 = torch.where(none, 0.0, y0), torch.where(none, 0.0, x0)
+    h = torch.where(none, float(height), h[rows, pick].double())
+    w = torch.where(none, float(width), w[rows, pick].double())
+    off = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+    y0 = torch.floor(off[:, 0] * (height - h)).clamp(max=(height - h - 1).clamp(min=0))
+    x0 = torch.floor(off[:, 1] * (width - w)).clamp(max=(width - w - 1).clamp(min=0))
     return torch.stack([x0, y0, x0 + w, y0 + h], 1).float()
 
 
@@ -112,6 +127,42 @@ def mixup(x: torch.Tensor, a: float) -> torch.Tensor:
     return a * x + (1.0 - a) * x.roll(1, dims=0)
 
 
+def mild_crop_boxes(
+    n: int, height: int, width: int, res: int, crop_pct: float, generator: torch.Generator
+) -> torch.Tensor:
+    """n "mild random crops" (x0, y0, x1, y1) in the image's pixels: big_vision's `resize(H)|random_crop(L)`
+    with L = res, H = round(res / crop_pct) (`big_vision/configs/transfer.py` crop='resize_crop', BiT-HyperRule;
+    `big_vision/pp/ops_image.py` get_resize (bilinear, no antialias) and get_random_crop (tf.image.random_crop:
+    an integer offset uniform in [0, H - L])). The box is that L×L window mapped back onto the original
+    image, so `crop_resize` to `res` samples exactly the pixels resize-then-crop would, and another model
+    can see the same window at its own resolution. It covers crop_pct² of the image (0.64 at 0.8)."""
+    big = max(res, int(round(res / crop_pct)))
+    off = torch.floor(torch.rand(n, 2, generator=generator) * (big - res + 1)).clamp(max=big - res)
+    sx, sy = width / big, height / big
+    x0, y0 = off[:, 0] * sx, off[:, 1] * sy
+    return torch.stack([x0, y0, x0 + res * sx, y0 + res * sy], 1)
+
+
+def full_boxes(n: int, height: int, width: int) -> torch.Tensor:
+    """n boxes covering the whole image: `crop_resize` with them is a plain resize (fix/rs)."""
+    return torch.tensor([[0.0, 0.0, float(width), float(height)]]).expand(n, 4).contiguous()
+
+
+def resized_view(images_u8: torch.Tensor, res: int) -> torch.Tensor:
+    """fix/rs view: the whole image resized to res×res (bilinear, no antialias, no flip), values to [-1, 1]:
+    big_vision's `resize(res)` (`big_vision/pp/ops_image.py` get_resize)."""
+    return value_range(crop_resize(to_float_nchw(images_u8), full_boxes(len(images_u8), *images_u8.shape[1:3]), res))
+
+
+def crop_kind(setup: str) -> str:
+    """The crop a variant gives the student: 'rs' (resize, no crop), 'rc' (mild random crop) or 'ic'
+    (inception crop)."""
+    s = canonical_setup(setup)
+    if s == "fix/rs":
+        return "rs"
+    return "rc" if s in ("fix/cc", "ind/rc", "same/rc") else "ic"
+
+
 def shard_rows(batch_size: int, setup: str, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """The rows of the global batch whose images rank `shard[0]` of `shard[1]` uses: its contiguous
     slice, preceded (funmatch under DDP) by the mixup neighbour of the slice's first image."""
@@ -130,6 +181,7 @@ def distill_views(
     generator: torch.Generator,
     shard: tuple[int, int] = ...,
     batch_size: int | None = ...,
+    crop_pct: float = ...,
 ) -> tuple[list[torch.Tensor] | None, torch.Tensor]: ...
 
 
@@ -143,6 +195,7 @@ def distill_views(
     generator: torch.Generator,
     shard: tuple[int, int] = ...,
     batch_size: int | None = ...,
+    crop_pct: float = ...,
 ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]: ...
 
 
@@ -155,30 +208,43 @@ def distill_views(
     generator: torch.Generator,
     shard: tuple[int, int] = (0, 1),
     batch_size: int | None = None,
+    crop_pct: float = 0.8,
 ) -> tuple[list[torch.Tensor] | None, torch.Tensor | list[torch.Tensor]]:
-    """([teacher input per teacher resolution] or None for `fixed`, student input) for one batch.
+    """([teacher input per teacher resolution] or None for a fix/* variant, student input) for one batch.
 
-    consistent / funmatch: one crop + flip, resized per model (funmatch adds shared mixup);
-    independent: each model its own crop + flip; fixed: the student's random view only (the
-    teacher's targets were precomputed on central crops). An ensemble whose teachers run at several
-    resolutions (e.g. 384 and 224) gets the same crop at each.
+    The student's crop (`crop_kind`): fix/rs the resized image (no crop, no flip); fix/cc, ind/rc, same/rc
+    a mild random crop (`mild_crop_boxes`, on the first student resolution's grid, `crop_pct`) + flip;
+    fix/ic_ens, ind/ic, same/ic, funmatch an inception crop (`area_range`) + flip. The teacher: fix/* none
+    (its targets are precomputed); ind/* its own crop of the same kind + flip (mild: on its first
+    resolution's grid); same/* and funmatch the student's crop and flip, resized per model; funmatch adds
+    shared mixup. The aliases fixed / independent / consistent are fix/cc / ind/ic / same/ic. An ensemble
+    whose teachers run at several resolutions (e.g. 384 and 224) gets the same crop at each.
 
     `shard=(rank, world)`: `images_u8` is the global batch, or (when `batch_size`, the global batch
     size, is given and larger) only its `shard_rows`; only this rank's contiguous slice is made, with
     exactly the randomness (and mixup neighbour) it has in the single-process batch.
     A list of student resolutions (several students) gives a list of student views of the same crop.
     """
+    variant, kind = canonical_setup(setup), crop_kind(setup)
     resolutions = [teacher_res] if isinstance(teacher_res, int) else list(teacher_res)
+    s_resolutions = [student_res] if isinstance(student_res, int) else list(student_res)
     n, height, width = batch_size or len(images_u8), *images_u8.shape[1:3]
     rows = shard_rows(n, setup, shard)
-    boxes = inception_boxes(n, height, width, area_range, generator)
-    flips = torch.rand(n, generator=generator) < 0.5
-    t_boxes, t_flips = boxes, flips
-    if setup == "independent":
-        t_boxes = inception_boxes(n, height, width, area_range, generator)
-        t_flips = torch.rand(n, generator=generator) < 0.5
+
+    def draw(res: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if kind == "rs":
+            return full_boxes(n, height, width), torch.zeros(n, dtype=torch.bool)
+        boxes = (
+            mild_crop_boxes(n, height, width, res, crop_pct, generator)
+            if kind == "rc"
+            else inception_boxes(n, height, width, area_range, generator)
+        )
+        return boxes, torch.rand(n, generator=generator) < 0.5
+
+    boxes, flips = draw(s_resolutions[0])
+    t_boxes, t_flips = draw(resolutions[0]) if variant.startswith("ind/") else (boxes, flips)
     # Mixup pairs image i with i-1 of the global batch: the rows hold the neighbour of the slice's first image too.
-    sharded_mixup = setup == "funmatch" and shard[1] > 1
+    sharded_mixup = variant == "funmatch" and shard[1] > 1
     x = to_float_nchw(
         images_u8 if len(images_u8) < n or shard[1] == 1 else images_u8[to_device(rows, images_u8.device)]
     )
@@ -190,11 +256,11 @@ def distill_views(
     def view(b: torch.Tensor, f: torch.Tensor, res: int) -> torch.Tensor:
         return value_range(flip(crop_resize(x, b[rows], res), f[rows]))
 
-    students = [view(boxes, flips, r) for r in ([student_res] if isinstance(student_res, int) else student_res)]
+    students = [view(boxes, flips, r) for r in s_resolutions]
     teachers = None
-    if setup != "fixed":
+    if not variant.startswith("fix/"):
         teachers = [view(t_boxes, t_flips, r) for r in resolutions]
-        if setup == "funmatch":
+        if variant == "funmatch":
             a = mixup_coefficient(generator)
             mix = (lambda v: mixup(v, a)) if not sharded_mixup else (lambda v: a * v[1:] + (1 - a) * v[:-1])
             teachers, students = [mix(t) for t in teachers], [mix(v) for v in students]

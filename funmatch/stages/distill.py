@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from funmatch import config, runtime, storage
-from funmatch.config import Config, DistillConfig, split_uris
+from funmatch.config import FIXED_SETUPS, Config, DistillConfig, split_uris
 from funmatch.data import loader, prepared
 from funmatch.errors import PREEMPTED_EXIT, CheckpointError, ConfigError, DataError, TrainingError
 from funmatch.recipe import augment, models, optim
@@ -152,8 +152,8 @@ def run(
         and device.type == "cuda"
         and cfg.runtime.compile_mode in ("reduce-overhead", "max-autotune")
     )
-    # `fixed`: the teacher's targets once per image, on the central crop, reused every step.
-    fixed = teacher.fixed_targets(dataset_dir, cfg, device) if k.setup == "fixed" else None
+    # fix/* (and the alias `fixed`): the teacher's targets once per image, reused every step.
+    fixed = teacher.fixed_targets(dataset_dir, cfg, device, amp) if k.setup in FIXED_SETUPS else None
     val_set = _val_set(dataset_dir, teacher, cfg, device) if k.eval_every else None
     local = slice(rank * k.batch_size // world, (rank + 1) * k.batch_size // world)
 
@@ -170,6 +170,7 @@ def run(
             augment.step_generator(seed, step),
             shard=(rank, world),
             batch_size=k.batch_size,
+            crop_pct=cfg.eval.crop_pct,
         )
         if fmt is torch.channels_last:
             s_in = [x.contiguous(memory_format=fmt) for x in s_in]
@@ -276,21 +277,74 @@ class _Teacher:
         with torch.no_grad(), amp:
             return ensemble_logits([t(by_res[r]).float() for t, r in zip(self.forward, self.resolutions, strict=True)])
 
-    def fixed_targets(self, dataset_dir: str | Path, cfg: Config, device: torch.device) -> torch.Tensor:
-        """Logits of every train image's central crop, shard by shard (the split need not fit in memory)."""
+    def fixed_targets(self, dataset_dir: str | Path, cfg: Config, device: torch.device, amp: Any) -> torch.Tensor:
+        """The fixed teacher's target logits of every train image, shard by shard (the split need not fit
+        in memory), by variant: fix/cc (alias `fixed`) the central crop (the eval view, big_vision's
+        `resize_small(H)|central_crop(L)`); fix/rs the whole image resized (`augment.resized_view`);
+        fix/ic_ens the average of the teacher's predictions over `distill.ensemble_crops` inception crops
+        + flips (`ensemble_targets`)."""
         train = prepared.ShardedImages(dataset_dir, "train")
-        return torch.cat(
-            [
-                predict(
-                    self.members,
-                    torch.from_numpy(train.gather(np.arange(a, a + c))),
-                    self.resolutions,
-                    cfg.eval,
-                    device,
+        variant = config.canonical_setup(cfg.distill.setup)
+        out = []
+        for a, c in zip(train.starts[:-1], train.counts, strict=True):
+            images = torch.from_numpy(train.gather(np.arange(a, a + c)))
+            if variant == "fix/cc":
+                out.append(predict(self.members, images, self.resolutions, cfg.eval, device))
+            elif variant == "fix/rs":
+                out.append(
+                    self.batched(images, lambda b, r, _: augment.resized_view(b, r), cfg.eval.batch_size, device, amp)
                 )
-                for a, c in zip(train.starts[:-1], train.counts, strict=True)
-            ]
-        ).to(device)
+            else:
+                gen = augment.step_generator(cfg.runtime.seed, int(a), stream=ENSEMBLE_STREAM)
+                out.append(ensemble_targets(self, images, cfg, gen, device, amp))
+        return torch.cat(out).to(device)
+
+    def batched(
+        self,
+        images_u8: torch.Tensor,
+        view: Callable[[torch.Tensor, int, slice], torch.Tensor],
+        batch_size: int,
+        device: torch.device,
+        amp: Any,
+    ) -> torch.Tensor:
+        """The (ensembled) logits (float32, CPU) of `view(batch, res, rows)` per teacher resolution, batch by
+        batch (`rows`: the batch's rows in `images_u8`)."""
+        out = []
+        for start in range(0, len(images_u8), batch_size):
+            rows = slice(start, start + batch_size)
+            batch = runtime.to_device(images_u8[rows], device)
+            out.append(self([view(batch, r, rows) for r in self.views_of], amp).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+ENSEMBLE_STREAM = 2  # the step_generator stream of fix/ic_ens's crops (0: the training views)
+
+
+def ensemble_targets(
+    teacher: _Teacher, images_u8: torch.Tensor, cfg: Config, generator: torch.Generator, device: torch.device, amp: Any
+) -> torch.Tensor:
+    """fix/ic_ens targets of `images_u8`: the teacher's prediction averaged over K = distill.ensemble_crops
+    inception crops + flips per image (paper §3.1.1: "the average of 1k inception crops"), averaged as
+    probabilities at the distillation temperature t and returned as logits t·log(mean_k softmax(z_k / t)),
+    so that the loss's softmax(target / t) is exactly that average. Crop k of every image is drawn from
+    `generator` before crop k+1, so the result does not depend on the eval batch size."""
+    k, t = cfg.distill, cfg.distill.temperature
+    n, height, width = images_u8.shape[:3]
+    total: torch.Tensor | None = None
+    for _ in range(k.ensemble_crops):
+        boxes = augment.inception_boxes(n, height, width, (k.crop_min_area, k.crop_max_area), generator)
+        flips = torch.rand(n, generator=generator) < 0.5
+
+        def view(
+            batch: torch.Tensor, res: int, rows: slice, boxes: torch.Tensor = boxes, flips: torch.Tensor = flips
+        ) -> torch.Tensor:
+            crops = augment.crop_resize(augment.to_float_nchw(batch), boxes[rows], res)
+            return augment.value_range(augment.flip(crops, flips[rows]))
+
+        log_p = torch.log_softmax(teacher.batched(images_u8, view, cfg.eval.batch_size, device, amp) / t, -1)
+        total = log_p if total is None else torch.logaddexp(total, log_p)
+    assert total is not None  # ensemble_crops >= 1 (validated)
+    return t * (total - math.log(k.ensemble_crops))
 
 
 def _val_set(dataset_dir: str | Path, teacher: _Teacher, cfg: Config, device: torch.device) -> ValSet:

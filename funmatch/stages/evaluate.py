@@ -19,6 +19,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -192,6 +193,13 @@ class Evaluation:
         return UIView(metrics, [self.classes[i] for i in keep], matrix[keep][:, keep].tolist())
 
 
+def minitrain(cfg: Config, dataset_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """`eval.minitrain_size` train images, a class-stratified sample seeded by `data.split_seed` (the same
+    rows for every run on one dataset). big_vision's minitrain is train[:512] (train[:2%] for ImageNet) of
+    TFDS's shuffled split; the first rows of a prepared split can be class-sorted (Food101: one class)."""
+    return prepared.load_sample(dataset_dir, "train", cfg.eval.minitrain_size, cfg.data.split_seed)
+
+
 def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path) -> Evaluation:
     """Teacher and student(s) on minitrain, val and test; the gate's verdict on the test split."""
     clock = runtime.Stopwatch()
@@ -206,10 +214,8 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
     metrics: dict[str, float] = {}
     confusion = None
     for split in ("minitrain", "val", "test"):
-        images_np, labels_np = prepared.load_split(
-            dataset_dir,
-            "train" if split == "minitrain" else split,
-            limit=cfg.eval.minitrain_size if split == "minitrain" else None,
+        images_np, labels_np = (
+            minitrain(cfg, dataset_dir) if split == "minitrain" else prepared.load_split(dataset_dir, split)
         )
         if len(labels_np) == 0:
             continue

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from funmatch import config, storage
+from funmatch import config
 from funmatch.app import cli
 from funmatch.data import loader, prepared
 from funmatch.errors import DataError
@@ -242,23 +242,6 @@ def test_loader_workers_fit_cpus_and_shared_memory(monkeypatch, tmp_path, caplog
     # batches so large that half the free shared memory holds only 2 per process: 1 worker × 2 in flight
     assert loader.plan_workers(0, free // 2 // 4 // 2) == 1
     assert "raise the pod's shm size" in caplog.text
-
-
-@pytest.mark.parametrize("limit", [0, 1, 699, 700, 701, 5000])
-def test_load_split_limit_reads_only_the_shards_it_needs(jpeg_dataset, limit, monkeypatch):
-    full_x, full_y = prepared.load_split(jpeg_dataset, "train")
-    read: list[str] = []
-    original = storage.sha256_file
-
-    def recording_sha256(path):
-        read.append(str(path))
-        return original(path)
-
-    monkeypatch.setattr(storage, "sha256_file", recording_sha256)
-    x, y = prepared.load_split(jpeg_dataset, "train", limit=limit)
-    assert np.array_equal(x, full_x[:limit]) and np.array_equal(y, full_y[:limit])
-    shards_needed = min(-(-limit // 700), len(prepared.read_manifest(jpeg_dataset)["splits"]["train"]["shards"]))
-    assert len({p.rsplit("-", 1)[0] for p in read}) == shards_needed
 
 
 def test_teacher_finetune_streams_like_resident(tmp_path, jpeg_dataset):

@@ -8,7 +8,8 @@ def _images(n=16, size=40):
     return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def test_inception_boxes_follow_tf_semantics():
+def test_inception_boxes_in_range_with_uniform_aspect_ratio():
+    """Ranges and the aspect-ratio law; the full distribution is checked in test_tf_sampler.py."""
     g = augment.step_generator(0, 0)
     boxes = augment.inception_boxes(4000, 64, 48, (0.05, 1.0), g)
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
@@ -19,11 +20,11 @@ def test_inception_boxes_follow_tf_semantics():
     fitted = area < 0.999  # the fallback is the whole image
     ratio = (w / h)[fitted]
     assert ratio.min() >= 0.7 and ratio.max() <= 1.4  # 3/4..4/3 up to rounding
-    # uniform, not log-uniform, aspect ratio: the mean of U(3/4, 4/3) is 1.0417 (log-uniform: 1.0138);
+    # uniform, not log-uniform, aspect ratio: the mean of U(0.75, 1.33) is 1.04 (log-uniform: 1.012);
     # small crops of a square image always fit, so no attempt is rejected
     small = augment.inception_boxes(20000, 256, 256, (0.05, 0.3), g)
     r = (small[:, 2] - small[:, 0]) / (small[:, 3] - small[:, 1])
-    assert r.mean().item() == pytest.approx((3 / 4 + 4 / 3) / 2, abs=0.006)
+    assert r.mean().item() == pytest.approx(sum(augment.ASPECT_RANGE) / 2, abs=0.006)
 
 
 def test_crop_resize_full_box_at_same_size_is_identity_and_no_antialias():
@@ -135,3 +136,36 @@ def test_sharded_views_are_slices_of_the_global_batch(setup):
         if setup != "fixed":
             assert t is not None and full_t is not None
             assert all(torch.allclose(a, b[part], atol=1e-5) for a, b in zip(t, full_t, strict=True))
+
+
+ALL_SETUPS = ("fix/rs", "fix/cc", "fix/ic_ens", "ind/rc", "ind/ic", "same/rc", "same/ic", "funmatch", "consistent")
+
+
+@pytest.mark.parametrize("setup", ALL_SETUPS)
+def test_every_variant_shards_to_slices_of_the_global_batch(setup):
+    """Every teaching variant, two students and two teacher resolutions: each of 3 ranks, given the global
+    batch or only its shard rows, makes exactly its slice of the single-process views."""
+    images = _images(12)
+    g = augment.step_generator(5, 9)
+    full_t, full_s = augment.distill_views(images, setup, (32, 16), [24, 20], (0.05, 1.0), g)
+    assert (full_t is None) == setup.startswith("fix/")
+    for rank in range(3):
+        rows = augment.shard_rows(12, setup, (rank, 3))
+        for given in (images, images[rows]):
+            t, s = augment.distill_views(
+                given, setup, (32, 16), [24, 20], (0.05, 1.0), augment.step_generator(5, 9), (rank, 3), 12
+            )
+            part = slice(rank * 4, rank * 4 + 4)
+            assert all(torch.allclose(a, b[part], atol=1e-5) for a, b in zip(s, full_s, strict=True))
+            assert (t is None) == (full_t is None)
+            if t is not None and full_t is not None:
+                assert all(torch.allclose(a, b[part], atol=1e-5) for a, b in zip(t, full_t, strict=True))
+
+
+@pytest.mark.parametrize("setup", ["ind/rc", "same/rc", "fix/cc"])
+def test_mild_crop_variants_do_not_change_with_crop_area(setup):
+    """The inception area range does not affect mild random crops; crop_pct does."""
+    a = augment.distill_views(_images(), setup, 32, 32, (0.05, 1.0), augment.step_generator(1, 2))[1]
+    b = augment.distill_views(_images(), setup, 32, 32, (0.5, 0.6), augment.step_generator(1, 2))[1]
+    c = augment.distill_views(_images(), setup, 32, 32, (0.05, 1.0), augment.step_generator(1, 2), crop_pct=0.9)[1]
+    assert torch.equal(a, b) and not torch.equal(a, c)
