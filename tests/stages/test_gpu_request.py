@@ -40,6 +40,7 @@ def test_a_task_given_a_gpu_without_cuda_stops_in_one_line_within_30s():
     assert "resources.accelerator_count=0 or runtime.device=cpu" in line
 
 
+@pytest.mark.slow
 def test_the_distill_stage_given_a_gpu_without_cuda_stops_in_one_line_within_30s(tmp_path):
     cfg = config.load("pets-fast")
     for artifact in ("dataset", "teacher"):

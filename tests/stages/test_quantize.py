@@ -12,6 +12,8 @@ from funmatch import config
 from funmatch.app import cli
 from funmatch.stages import distill, export, quantize
 
+pytestmark = pytest.mark.slow  # an export (and an INT8 calibration) per module: over 5 s
+
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory, tiny_cfg, dataset_dir, teacher_dir):

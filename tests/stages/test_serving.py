@@ -25,6 +25,8 @@ from funmatch.stages import distill, export, serving
 from gcs_server import fake_gcs
 from infra.k8s import CRDValidator
 
+pytestmark = pytest.mark.slow  # an export (and an INT8 calibration) per module: over 5 s
+
 KSERVE_DIR = Path(__file__).resolve().parents[2] / "manifests" / "schemas" / "kserve-v0.20.0"
 CRD_FILE = KSERVE_DIR / "serving.kserve.io_inferenceservices.yaml"
 EVALUATION = {"student/test/prec@1": 0.5, "teacher/test/prec@1": 0.6}

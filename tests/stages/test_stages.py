@@ -76,6 +76,7 @@ def test_resume_from_checkpoint_gives_identical_weights(tmp_path, tiny_cfg, data
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_evaluate_and_export(tmp_path, tiny_cfg, dataset_dir, teacher_dir, student_dir):
     result = evaluate.run(tiny_cfg, dataset_dir, teacher_dir, student_dir)
     metrics = result.metrics
@@ -172,6 +173,7 @@ def test_extra_students_are_evaluated_and_exported(tmp_path, dataset_dir, teache
     assert "model-bit-r14-mini-64.onnx" in export.result_files(tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_readme_consumer_snippet_runs_on_an_export(tmp_path, tiny_cfg, dataset_dir, teacher_dir, student_dir, capsys):
     """The README's ten lines, run as written against a real export."""
     import re
