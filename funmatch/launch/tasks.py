@@ -97,9 +97,11 @@ def distill(
     student.metadata.update({k: info[k] for k in ("arch", "resolution", "setup", "steps", "wall_s")})
 
 
-def torchrun_distill(cfg: config.Config, dataset: str, teacher: str, out: str, checkpoint_dir: str, nproc: int) -> dict:
-    """`torchrun --standalone --nproc_per_node=N funmatch stage distill ...`; returns the student info."""
-    cmd = [
+def torchrun_command(
+    cfg: config.Config, dataset: str, teacher: str, out: str, checkpoint_dir: str, nproc: int
+) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=N funmatch stage distill ...` as an argv."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -120,6 +122,11 @@ def torchrun_distill(cfg: config.Config, dataset: str, teacher: str, out: str, c
         "--checkpoint-dir",
         checkpoint_dir,
     ]
+
+
+def torchrun_distill(cfg: config.Config, dataset: str, teacher: str, out: str, checkpoint_dir: str, nproc: int) -> dict:
+    """Distils with one process per GPU under torchrun (`torchrun_command`); returns the student info."""
+    cmd = torchrun_command(cfg, dataset, teacher, out, checkpoint_dir, nproc)
     result = subprocess.run(cmd, check=False)
     if result.returncode:
         raise SystemExit(result.returncode)  # e.g. 143 after a preemption checkpoint: the task retry resumes

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -45,29 +44,8 @@ def test_two_process_ddp_matches_single_process(tmp_path, dataset_dir, teacher_d
 @pytest.mark.slow
 def test_global_batch_must_split_evenly(tmp_path, dataset_dir, teacher_dir):
     cfg = config.load("demo-tiny", ["distill.batch_size=63", "runtime.num_threads=1"])
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "funmatch",
-            "stage",
-            "distill",
-            "--config-json",
-            cfg.to_json(),
-            "--dataset",
-            str(dataset_dir),
-            "--teacher",
-            str(teacher_dir),
-            "--output",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    argv = tasks.torchrun_command(cfg, str(dataset_dir), str(teacher_dir), str(tmp_path / "x"), "", nproc=2)
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
     assert out.returncode != 0 and "distill.batch_size=63" in out.stderr
 
 
