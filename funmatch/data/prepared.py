@@ -31,16 +31,6 @@ SPLITS = ("train", "val", "test")
 ENCODINGS = ("raw", "jpeg")  # how the artifact stores images: uint8 arrays, or JPEG bytes
 
 
-FORMAT = "funmatch-dataset/1"
-
-
-SPLITS = ("train", "val", "test")
-
-
-# torchvision's ImageFolder extensions
-ENCODINGS = ("raw", "jpeg")  # how the artifact stores images: uint8 arrays, or JPEG bytes
-
-
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Seeded per-class split of indices into len(fractions)+1 parts (the rest goes last)."""
     rng = np.random.default_rng(seed)

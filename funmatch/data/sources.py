@@ -38,18 +38,6 @@ ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip")
 QUARANTINE_DIR = "quarantine"
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "validation"), "test": ("test",)}
-
-
-ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz", ".zip")
-
-
-QUARANTINE_DIR = "quarantine"
-
-
 class BadImage(ValueError):
     """An image file that cannot be used; `kind` is one of empty, not_an_image, truncated, corrupt,
     too_many_pixels (and, when the file cannot even be read, unreadable)."""
