@@ -3,7 +3,8 @@
 # preinstalled there; no kfp, no network), from the repo root:
 #   bash tools/gpu_check.sh bench      # ~8 min: 128 px and 384->224 loops vs baselines, K students, CUDA graphs
 #   bash tools/gpu_check.sh loader     # ~3 min: JPEG streaming loader img/s by workers, nvJPEG, streamed 224 loop
-#   bash tools/gpu_check.sh repro      # ~8 min: the teaching-setups reproduction, GPU size
+#   bash tools/gpu_check.sh repro      # 8 min slice of the GPU-size teaching-setups grid (3 seeds x 16 cells, far
+#                                      # longer in all): runs.jsonl keeps finished runs, a rerun resumes
 # JSON and logs go to $OUT (or runs/gpu). Then copy the figures into docs/performance.md and
 # docs/reproduction.md.
 set -u

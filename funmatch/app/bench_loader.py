@@ -2,10 +2,12 @@
 
 Reads a prepared dataset artifact — yours (`--dataset`), or a synthetic JPEG one at the preset's stored
 resolution whose images have the 1/f amplitude spectrum of photographs (so they cost about what
-photographs cost to decode; the bytes per image are reported to compare) — through
+photographs cost to decode; the bytes per image are reported to compare), letterboxed like prepared
+photographs (frames of width:height 4:3, 4:3, 3:4, 1:1 in turn, the rest of the canvas zero) — through
 `funmatch.data.loader.Batches` exactly as distill streams it: seeded batches, DataLoader worker processes,
 pinned memory, copy to the device. For each worker count asked it prints img/s and img/s per worker,
-and the single-process decode rate, and writes them as JSON.
+and the single-process decode rate, and writes them as JSON. Decoding is libjpeg-turbo at the full
+stored size (no reduced-size DCT decoding: the crops are drawn after decoding, from the whole frame).
 """
 
 from __future__ import annotations
@@ -39,12 +41,20 @@ def natural_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+LETTERBOX_ASPECTS = ((3, 4), (3, 4), (4, 3), (1, 1))  # frame h:w in turn: mostly landscape, as photographs
+
+
 def synthetic_dataset(root: Path, images: int, size: int, shard_size: int) -> Path:
-    """A JPEG dataset artifact (quality 95, like `data.encoding=jpeg`) of natural-statistics images."""
+    """A JPEG dataset artifact (quality 95, like `data.encoding=jpeg`) of natural-statistics images, each
+    letterboxed to a frame of LETTERBOX_ASPECTS (long side = `size`) as prepare stores photographs."""
     root.mkdir(parents=True, exist_ok=True)
     x, y = natural_images(images, size), np.arange(images) % 10
+    frames = np.array([LETTERBOX_ASPECTS[i % len(LETTERBOX_ASPECTS)] for i in range(images)], np.float64)
+    frames = np.round(frames / frames.max(1, keepdims=True) * size).astype(np.int32)
+    for im, (h, w) in zip(x, frames, strict=True):
+        im[h:], im[:, w:] = 0, 0
     splits = {
-        s: prepared.write_split(root, s, x[:n], y[:n], shard_size, 10, "jpeg", 95)
+        s: prepared.write_split(root, s, x[:n], y[:n], shard_size, 10, "jpeg", 95, frames[:n])
         for s, n in (("train", images), ("val", 10), ("test", 10))
     }
     (root / "manifest.json").write_text(
@@ -72,7 +82,7 @@ def measure(dataset: Path, device: torch.device, batch_size: int, steps: int, wo
     )
     warm = batches.workers
     t0 = 0.0
-    for i, batch in enumerate(batches.iterate(0, warm + steps)):  # noqa: B007 (the last one's shape is reported)
+    for i, (batch, _) in enumerate(batches.iterate(0, warm + steps)):  # noqa: B007 (the last one's shape is reported)
         if i == warm - 1:
             runtime.synchronize(device)
             t0 = time.perf_counter()
@@ -128,6 +138,7 @@ def bench_loader(
         "stored_resolution": manifest["stored_resolution"],
         "train_images": len(source),
         "bytes_per_image": round(stored / len(source)),
+        "resident_bytes_per_image": source.nbytes // len(source) + 8,  # the uint8 canvas + its int32 frame
         "batch_size": batch_size,
         "steps": steps,
         "device": str(device),
@@ -144,7 +155,8 @@ def command(args) -> int:
     )
     print(
         f"bench loader: {result['dataset']} ({result['encoding']}, {result['stored_resolution']} px, "
-        f"{result['bytes_per_image']} B/img), batch {result['batch_size']}, {result['cpus']} CPUs, "
+        f"{result['bytes_per_image']} B/img stored, {result['resident_bytes_per_image']} B/img resident), "
+        f"batch {result['batch_size']}, {result['cpus']} CPUs, "
         f"to {result['device']}"
     )
     print(f"  one process, no workers  {result['single_process_img_per_s']:>9.1f} img/s")

@@ -30,7 +30,13 @@ from funmatch.errors import FunmatchError
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="demo", help="preset name (default: demo; see `funmatch presets`)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="preset name (default: folder when --set data.source=DIR names your own images, else demo; "
+        "see `funmatch presets`)",
+    )
+    p.set_defaults(choose_preset=True)
     p.add_argument(
         "--set",
         dest="overrides",
@@ -76,12 +82,16 @@ def parser() -> argparse.ArgumentParser:
     )
 
     exp = sub.add_parser("experiment", help="small-scale reproductions of the paper's claims")
-    exp.add_argument("name", choices=["teaching-setups"], help="teaching-setups: the four setups at three budgets")
+    exp.add_argument(
+        "name",
+        choices=["teaching-setups"],
+        help="teaching-setups: the paper's teaching variants (Fig. 3 / App. C) at three budgets, 3 seeds per cell",
+    )
     exp.add_argument(
         "--size",
         choices=["cpu", "gpu", "smoke"],
         default="cpu",
-        help="cpu: <= 10 min on 2 cores; gpu: <= 8 min on one H100/H200; smoke: seconds (tests)",
+        help="cpu: ~15 min on 2 quiet cores; gpu: one H100/H200 (not yet timed); smoke: a minute (tests)",
     )
     exp.add_argument("--output", default="runs/teaching-setups", metavar="DIR")
 
@@ -251,12 +261,19 @@ def preflight(cfg: config.Config) -> None:
     from funmatch.recipe import models
 
     sources.check_data(cfg.data.source, cfg.data.root, cfg.data.download)
+    if cfg.distill.images:
+        sources.check_data(cfg.distill.images, cfg.data.root, cfg.data.download, key="distill.images")
+    if cfg.teacher.classes and not storage.is_gcs(cfg.teacher.classes) and not os.path.isfile(cfg.teacher.classes):
+        raise config.ConfigError(f"teacher.classes={cfg.teacher.classes!r} does not exist or is not a file")
     for role, m in (("teacher", cfg.teacher), ("student", cfg.student)):
         for uri in config.split_uris(m.init):
             if storage.is_gcs(uri):
                 continue  # checked by the stage that fetches it, before it trains
             if not os.path.isfile(uri):
                 raise CheckpointError(f"{role}.init={uri!r} does not exist or is not a file")
+            if m.arch == config.archs.ONNX:
+                models.load_onnx(uri)  # input and output kinds; the class count is checked by the stage
+                continue
             model = models.create_model(m.arch, 2, stem_pool=m.stem_pool)
             models.load_init(model, m.arch, uri, load_head=False)  # body shapes; the head is checked later
 
@@ -268,15 +285,52 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = Path(args.output).resolve()
     print(f"funmatch: preset {cfg.preset} (config {cfg.hash()}) into {out}; full log: {out / local.LOG_FILE}")
-    metrics = local.run(cfg, out, verbose=args.verbose)
+    if cfg.data.source not in config.NAMED_SOURCES and (note := config.scratch_teacher_note(cfg)):
+        print(f"funmatch: note: {note}")  # the teacher stage logs it again with the train size
+    try:
+        metrics = local.run(cfg, out, verbose=args.verbose)
+    except FunmatchError as e:
+        if str(e).startswith(GATE_STOPPED):
+            raise FunmatchError(f"{e}; {gate_advice(cfg)}") from None
+        raise
     print(f"funmatch: model in {out}/model.onnx (card: model.json, metrics: metrics.json)")
+    accuracy = (
+        f"teacher test prec@1 {metrics['teacher/test/prec@1']:.4f} | student test prec@1 "
+        f"{metrics['student/test/prec@1']:.4f} | agree@1 {metrics['student/test/agree@1']:.4f}"
+        if "student/test/prec@1" in metrics
+        else f"no labels: student test agree@1 {metrics['student/test/agree@1']:.4f} | "
+        f"agree@5 {metrics['student/test/agree@5']:.4f}"
+    )
     print(
-        f"  teacher test prec@1 {metrics['teacher/test/prec@1']:.4f} | student test prec@1 "
-        f"{metrics['student/test/prec@1']:.4f} | agree@1 {metrics['student/test/agree@1']:.4f} | "
-        f"kl {metrics['student/test/kl']:.4f} | onnx diff {metrics['export/onnx_max_abs_diff']:.1e} | "
-        f"wall {metrics['wall_s']:.0f}s"
+        f"  {accuracy} | kl {metrics['student/test/kl']:.4f} | "
+        f"onnx diff {metrics['export/onnx_max_abs_diff']:.1e} | wall {metrics['wall_s']:.0f}s"
     )
     return 0
+
+
+GATE_STOPPED = "the quality gate stopped the run"  # how pipelines/local.py reports a QualityGateStop
+
+
+def gate_advice(cfg: config.Config) -> str:
+    """What to change when the student misses the quality gate, most effective first (the run's own values)."""
+    t, s, k = cfg.teacher, cfg.student, cfg.distill
+    if k.max_images:
+        budget = f"distill.max_images={2 * k.max_images}"
+    elif k.epochs:
+        budget = f"distill.epochs={2 * k.epochs:g}"
+    else:  # derived, uncapped: PATIENT_IMAGES at most
+        budget = f"distill.max_images={2 * config.PATIENT_IMAGES}"
+    steps = [
+        f"a longer distillation (--set {budget}: twice the images, about twice the time)",
+        f"larger views (--set teacher.resolution={t.resolution + 32} student.resolution={s.resolution + 32})",
+    ]
+    if not config.split_uris(t.init):
+        steps.insert(
+            0,
+            "a pretrained teacher, which the recipe assumes (--set teacher.init=<file> teacher.finetune=false, "
+            "or a BiT .npz with teacher.finetune=true)",
+        )
+    return "to get there, try " + "; or ".join(steps)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -297,7 +351,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     result = experiment.teaching_setups(args.size, args.output)
     print(experiment.table(result))
-    print(f"funmatch: wrote {args.output}/results.json, table.md and setups.png in {result['wall_s']:.0f}s")
+    print(f"funmatch: wrote {args.output}/results.json, runs.jsonl, table.md and setups.png in {result['wall_s']:.0f}s")
     return 0
 
 
@@ -359,6 +413,10 @@ def cmd_fault_test(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "choose_preset", False) and args.preset is None:
+        args.preset, why = config.default_preset(args.overrides)
+        if why:
+            print(f"funmatch: {why}")
     handler = {
         "run": cmd_run,
         "compile": cmd_compile,

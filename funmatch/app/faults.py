@@ -220,7 +220,6 @@ def fault_test(
 
     from funmatch import config
     from funmatch.data import prepared
-    from funmatch.recipe import optim
 
     clock = time.perf_counter()
     unknown = [s for s in signals if s not in SIGNALS]
@@ -248,7 +247,7 @@ def fault_test(
             log(f"fault-test: making the teacher in {teacher_dir}")
             (finetune.run if cfg.teacher.finetune else finetune.given_teacher)(cfg, dataset_dir, teacher_dir)
     n = prepared.read_manifest(dataset_dir)["splits"]["train"]["count"]
-    steps = optim.total_steps(k.epochs, n, k.batch_size)
+    steps = config.distill_budget(k, n).steps  # what distill runs (distill.epochs=0: derived)
     if not 1 <= kills <= steps - 1:
         raise FaultTestError(
             f"--kills {kills} is not allowed: this run has {steps} steps, so 1 to {steps - 1} "

@@ -39,6 +39,7 @@ OPTIMIZERS = ("adam", "shampoo")
 STEM_POOLS = ("zero_pad", "neg_inf_pad")
 PRECISIONS = ("fp32", "bf16")
 JPEG_DECODERS = ("cpu", "device")
+LABELS = ("folders", "none")  # data.labels
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -77,7 +78,8 @@ class DataConfig:
     source: str = setting("demo", parameter="data_source")
     root: str = ""  # for the named datasets: where their files are (a path or gs:// prefix)
     download: bool = False  # named torchvision datasets: fetch them into `root` (clusters with network only)
-    stored_resolution: int = 160  # square side the images are stored at (short-side resize + centre crop)
+    stored_resolution: int = 160  # stored canvas side = each image's long side (aspect kept, letterboxed)
+    # (0: derived from the model views by `stored_side`, what a user folder's preset uses)
     val_fraction: float = 0.1  # used only when the source has no val split
     test_fraction: float = 0.1  # used only when the source has no test split
     split_seed: int = 0
@@ -87,28 +89,42 @@ class DataConfig:
     max_train_per_class: int = 0  # keep only the first N train images per class (quick experiments); 0: all
     encoding: str = "raw"  # raw: uint8 arrays (small datasets, GPU-resident) | jpeg: streamed, decoded in parallel
     jpeg_quality: int = 95  # encoding=jpeg: quality of the re-encoded stored images
+    # folders: labelled (class folders or the named datasets' labels) | none: `source` is images without labels
+    # (found recursively), split seeded into train/val/test with label -1; needs a given teacher whose classes
+    # the student learns, and evaluation reports agreement with the teacher instead of accuracy
+    labels: str = setting("folders", hash_omit_default=True)
 
 
 @dataclass
 class TeacherConfig:
     """The frozen teacher; `init` may list several checkpoints (comma-separated) for an ensemble."""
 
+    # a name of config/archs.py ARCHS | timm:<name> (any timm architecture) | onnx (`init` are .onnx files)
     arch: str = setting("bit-r152x2", parameter="teacher_arch")
-    init: str = setting(
-        "none", parameter="teacher_init"
-    )  # none | path or gs:// URI of a BiT .npz or a .safetensors file
+    # none | paths or gs:// URIs of a BiT .npz, a .safetensors or PyTorch state dict (.pt/.pth/.bin), or with
+    # arch=onnx an .onnx model (N×3×H×W float input, N×classes output, dynamic batch; run by onnxruntime)
+    init: str = setting("none", parameter="teacher_init")
     resolution: int = setting(128, parameter="teacher_resolution")
     finetune: bool = setting(
         True, parameter="teacher_finetune"
     )  # false: `init` is already fine-tuned for this dataset's classes
     member_resolutions: str = ""  # ensembles: one resolution per `init` entry (e.g. '384,224'); empty: `resolution`
+    # data.labels=none: a file (path or gs:// URI) of the teacher's class names, one a line; empty: from the
+    # teacher's own metadata (a funmatch bundle's model.json next to a member file, safetensors metadata)
+    classes: str = setting("", hash_omit_default=True)
     stem_pool: str = "zero_pad"  # zero_pad (big_transfer) | neg_inf_pad (big_vision bit_paper)
+    # The teacher's input normalization: per-channel mean and std on [0, 1] pixels, comma-separated (e.g.
+    # '0.485,0.456,0.406'); our [-1, 1] views are converted to it (models.Normalized). Empty: the model's
+    # own: timm:<name> its pretrained_cfg, onnx its metadata_props `mean`/`std` (else [-1, 1]), BiT [-1, 1].
+    mean: str = setting("", hash_omit_default=True)
+    std: str = setting("", hash_omit_default=True)
 
 
 @dataclass
 class StudentConfig:
+    # a name of config/archs.py ARCHS | timm:<name>; every student takes [-1, 1] input (what export documents)
     arch: str = setting("bit-r50x1", parameter="student_arch")
-    init: str = "none"  # the paper trains from scratch
+    init: str = "none"  # the paper trains from scratch; else a .npz, .safetensors or .pt/.pth/.bin state dict
     resolution: int = setting(128, parameter="student_resolution")
     stem_pool: str = "zero_pad"
     zero_head: bool = True  # zero-initialised head: first predictions are uniform
@@ -129,6 +145,7 @@ class FinetuneConfig:
 class DistillConfig:
     # fix/rs | fix/cc | fix/ic_ens | ind/rc | ind/ic | same/rc | same/ic | funmatch (aliases: SETUP_ALIASES)
     setup: str = setting("funmatch", parameter="distill_setup")
+    # 0: derived from the train-set size (`patient_images`: the paper's shortest budgets, ~10M images seen)
     epochs: float = setting(10000.0, parameter="distill_epochs")
     batch_size: int = setting(512, parameter="distill_batch_size")
     lr: float = setting(0.003, parameter="distill_lr")
@@ -145,6 +162,13 @@ class DistillConfig:
     # fix/ic_ens: inception crops averaged per image for the teacher's target (the paper: 1k); left out of
     # the config hash at its default, so adding the key kept every existing hash
     ensemble_crops: int = setting(1000, hash_omit_default=True)
+    # at most this many images seen (steps x batch_size), whatever `epochs` gives: how a CPU preset states its
+    # wall-clock target (images = minutes x the img/s it measured); 0: no cap. Out of the hash at its default.
+    max_images: int = setting(0, hash_omit_default=True)
+    # out-of-domain distillation (paper §3.8): the train split's images come from this source (a directory,
+    # archive or gs:// prefix of images, labels ignored, or a named dataset's train images) while val/test
+    # (labelled) come from data.source; empty: data.source's own train split
+    images: str = setting("", hash_omit_default=True)
     log_every: int = setting(50, hashed=False)  # steps between host syncs for logging
     eval_every: int = setting(
         0, hashed=False
@@ -180,6 +204,9 @@ class GateConfig:
 
     min_student_acc: float = 0.0  # absolute student test prec@1
     min_teacher_ratio: float = 0.9  # student test prec@1 / teacher test prec@1
+    # data.labels=none (no accuracy to compare): student test agree@1, the fraction of test images where the
+    # student's top-1 is the teacher's; 0.9 allows one disagreement in ten, the tolerance min_teacher_ratio gives
+    min_agreement: float = 0.9
 
 
 @dataclass
@@ -466,6 +493,9 @@ SMOKE: dict[str, Any] = {
     "resources.accelerator_count": 0,  # a CPU config: no task goes to the GPU pool
     "gate.min_student_acc": 0.0,
     "gate.min_teacher_ratio": 0.0,
+    "gate.min_agreement": 0.0,
+    "data.labels": "folders",  # the tiny variant trains its teacher on the labelled demo data,
+    "distill.images": "",  # so it distils in-domain
 }
 
 
@@ -481,6 +511,7 @@ def load(preset: str = "demo", overrides: list[str] | dict[str, Any] | None = No
     if cfg.smoke:
         apply_overrides(cfg, SMOKE)
         apply_overrides(cfg, overrides or [])  # what the user set explicitly still wins
+    _derive_views(cfg)
     _derive_budget(cfg)
     validate(cfg)
     return cfg
@@ -511,6 +542,7 @@ def from_json(text: str) -> Config:
     cfg = Config(preset=d.get("preset", ""), description=d.get("description", ""), smoke=d.get("smoke", False))
     for k, v in _flatten({k: v for k, v in d.items() if k not in ("preset", "description", "smoke")}).items():
         _set(cfg, k, v)
+    _derive_views(cfg)
     _derive_budget(cfg)
     validate(cfg)
     return cfg
@@ -550,7 +582,7 @@ def gpu_hours(cfg: Config) -> float:
     e = cfg.expected
     if cfg.smoke or cfg.resources.accelerator_count < 1 or not e.img_per_s:
         return 0.0
-    return cfg.distill.epochs * e.train_size / e.img_per_s / 3600
+    return planned_images(cfg) / e.img_per_s / 3600
 
 
 def task_timeout_hours(cfg: Config) -> float:
@@ -582,6 +614,129 @@ def _derive_budget(cfg: Config) -> None:
         cfg.resources.retries = task_retries(cfg)
 
 
+# ---------------------------------------------------------------- derived defaults (user folders)
+
+# distill.epochs=0: patience by train-set size. The paper's shortest budgets (Table 4; big_vision
+# configs/proj/distill/bigsweep_flowers_pet.py and bigsweep_food_sun.py, variant=fast) all show the student some
+# ten million images whatever the dataset's size: Flowers102 (1,020 train images) 10,000 epochs = 10.2M, Pets
+# (3,312) 1,000-3,000 epochs = 3.3-9.9M, Food101 (68k) and SUN397 (76k) 100 epochs = 6.8-7.6M. So the derived
+# budget is PATIENT_IMAGES images seen, kept within [MIN_EPOCHS, MAX_EPOCHS] epochs (no set gets fewer than the
+# 100 epochs the paper calls "much worse"; the smallest, Flowers, gets its 10,000), then `distill.max_images`
+# caps it: a CPU preset's wall-clock target, stated as the images its measured img/s gets through in that time.
+# BiT-HyperRule scales the teacher the same way, by size bucket (recipe/optim.py `hyperrule`).
+PATIENT_IMAGES = 10_000_000
+MIN_EPOCHS, MAX_EPOCHS = 100.0, 10_000.0
+# data.stored_resolution=0: the canvas side that serves the largest view. The canvas holds each image whole,
+# its long side on the canvas side (letterboxed), so an image of aspect a = long/short keeps a short side of
+# side/a. The most demanding view is the evaluation (and teacher fine-tuning) view, whose short side is resized
+# to res/eval.crop_pct before the central res crop (inception crops are at most the short side, res after the
+# resize). So side = ceil(STORED_ASPECT x largest view / eval.crop_pct), rounded up to a multiple of 8, holds
+# every image up to 4:3 (a photograph's usual frame, and the inception crop's widest ratio) without upsampling
+# its views; a wider image's eval view is upsampled by (aspect / (4/3)).
+STORED_ASPECT = 4 / 3
+
+
+def patient_epochs(train_size: int) -> float:
+    """distill.epochs=0: PATIENT_IMAGES images seen, within [MIN_EPOCHS, MAX_EPOCHS] epochs of `train_size`."""
+    return min(MAX_EPOCHS, max(MIN_EPOCHS, PATIENT_IMAGES / max(1, train_size)))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The distillation's schedule for a train split: steps, warmup, the epochs they make, and how."""
+
+    steps: int
+    warmup: int
+    epochs: float  # steps x batch / train size (what was run, derived or given)
+    how: str  # one line: where the steps come from
+
+
+def distill_budget(k: DistillConfig, train_size: int) -> Budget:
+    """The steps of a distillation on `train_size` images: ceil(epochs x n / batch) with `distill.epochs`, or
+    `patient_epochs` when it is 0; then at most `distill.max_images` / batch. A derived or capped budget keeps
+    its warmup under a tenth of its steps; a given one keeps `warmup_steps` (distill refuses one too long)."""
+    n, batch = max(1, train_size), k.batch_size
+    derived = k.epochs == 0
+    epochs = patient_epochs(n) if derived else k.epochs
+    steps = max(1, math.ceil(epochs * n / batch))
+    how = (
+        f"derived from {n} train images (distill.epochs=0): {PATIENT_IMAGES:,} images seen within "
+        f"[{MIN_EPOCHS:g}, {MAX_EPOCHS:g}] epochs = {epochs:.4g} epochs"
+        if derived
+        else f"distill.epochs={k.epochs:g}"
+    )
+    capped = bool(k.max_images) and steps * batch > k.max_images
+    if capped:
+        steps = max(1, k.max_images // batch)
+        how += f", capped by distill.max_images={k.max_images:,}"
+    warmup = min(k.warmup_steps, steps // 10) if derived or capped else k.warmup_steps
+    return Budget(steps, warmup, steps * batch / n, how)
+
+
+def stored_side(cfg: Config) -> int:
+    """data.stored_resolution=0: ceil(STORED_ASPECT x the largest view / eval.crop_pct), a multiple of 8."""
+    views = [
+        cfg.teacher.resolution,
+        cfg.student.resolution,
+        *member_resolutions(cfg.teacher),
+        *(res for _, res in extra_students(cfg.distill)),
+    ]
+    side = math.ceil(STORED_ASPECT * max(views) / cfg.eval.crop_pct)
+    return -(-side // 8) * 8
+
+
+def _derive_views(cfg: Config) -> None:
+    """`data.stored_resolution=0`: the side `stored_side` gives (the config then records it)."""
+    if cfg.data.stored_resolution == 0:
+        cfg.data.stored_resolution = stored_side(cfg)
+
+
+SMALL_TRAIN = 20_000  # BiT-HyperRule's smallest size bucket (recipe/optim.py `hyperrule`)
+
+
+def scratch_teacher_note(cfg: Config, train_size: int | None = None) -> str:
+    """One line when the teacher is trained from scratch (teacher.init=none, teacher.finetune=true) on a small
+    train split (`train_size` below SMALL_TRAIN; None: not known yet): the recipe fine-tunes a pretrained
+    teacher (BiT-M R152x2), and the student can only copy the teacher it is given. Empty otherwise."""
+    t = cfg.teacher
+    if split_uris(t.init) or not t.finetune or (train_size is not None and train_size >= SMALL_TRAIN):
+        return ""
+    images = f" on {train_size} images" if train_size is not None else ""
+    return (
+        f"the teacher ({t.arch}) is trained from scratch{images} (teacher.init=none), but the recipe assumes a "
+        "pretrained teacher and the student only copies it: pass one with --set teacher.init=<file> "
+        "teacher.finetune=false (a model already trained on these classes), or a BiT .npz with teacher.finetune=true"
+    )
+
+
+NAMED_SOURCES = ("demo", "flowers102", "pets", "food101", "sun397", "imagenet")  # data.source values, not paths
+DEFAULT_PRESET, FOLDER_PRESET = "demo", "folder"
+
+
+def default_preset(overrides: list[str]) -> tuple[str, str]:
+    """The preset a command takes without `--preset`, and one line saying why (empty for the demo): `folder`
+    when `--set data.source=...` names the user's own images (neither demo nor a named dataset), else `demo`."""
+    source = ""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "data.source":
+            source = value.strip()
+    if source and source not in NAMED_SOURCES:
+        return FOLDER_PRESET, (
+            f"preset {FOLDER_PRESET} (data.source={source} is your own images: {FOLDER_PRESET}'s views, stored "
+            f"resolution and distillation budget suit them and derive from them; --preset {DEFAULT_PRESET} keeps "
+            "the demo's settings)"
+        )
+    return DEFAULT_PRESET, ""
+
+
+def planned_images(cfg: Config) -> float:
+    """Images the distillation shows on the preset's own train split (`expected.train_size`)."""
+    k, n = cfg.distill, cfg.expected.train_size
+    images = (k.epochs or patient_epochs(n)) * n
+    return min(images, k.max_images) if k.max_images else images
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -595,7 +750,12 @@ def validate(cfg: Config) -> None:
 
     d, t, s, f, k = cfg.data, cfg.teacher, cfg.student, cfg.finetune, cfg.distill
     _check(d.source.strip() != "", "data.source", d.source, "'demo', a directory or a gs:// prefix")
-    _check(d.stored_resolution > 0, "data.stored_resolution", d.stored_resolution, "a positive integer")
+    _check(
+        d.stored_resolution > 0,
+        "data.stored_resolution",
+        d.stored_resolution,
+        "a positive integer (0 in a preset or --set: derived from the model views)",
+    )
     for key, v in (("data.val_fraction", d.val_fraction), ("data.test_fraction", d.test_fraction)):
         _check(0 <= v < 1, key, v, "a fraction in [0, 1)")
     _check(
@@ -612,18 +772,32 @@ def validate(cfg: Config) -> None:
     _check(d.encoding in ("raw", "jpeg"), "data.encoding", d.encoding, "raw or jpeg")
     _check(1 <= d.jpeg_quality <= 100, "data.jpeg_quality", d.jpeg_quality, "an integer in [1, 100]")
     _check(d.max_image_pixels > 0, "data.max_image_pixels", d.max_image_pixels, "a positive integer")
+    _check(d.labels in LABELS, "data.labels", d.labels, f"one of {', '.join(LABELS)}")
 
     for role, m in (("teacher", t), ("student", s)):
         archs.check_arch(f"{role}.arch", m.arch)
         archs.check_resolution(f"{role}.resolution", m.arch, m.resolution)
         _check(m.stem_pool in STEM_POOLS, f"{role}.stem_pool", m.stem_pool, f"one of {', '.join(STEM_POOLS)}")
+        onnx = m.arch == archs.ONNX
         for uri in split_uris(m.init):
             _check(
-                uri.endswith((".npz", ".safetensors")),
+                uri.endswith(".onnx") if onnx else uri.endswith(archs.WEIGHT_SUFFIXES),
                 f"{role}.init",
                 m.init,
-                "'none' or paths / gs:// URIs ending in .npz or .safetensors, comma-separated",
+                "'none' or paths / gs:// URIs ending in .onnx (teacher.arch=onnx), comma-separated"
+                if onnx
+                else f"'none' or paths / gs:// URIs ending in {', '.join(archs.WEIGHT_SUFFIXES)}, comma-separated"
+                + (" (or .onnx with teacher.arch=onnx)" if role == "teacher" else ""),
             )
+    _check(s.arch != archs.ONNX, "student.arch", s.arch, "a trainable architecture (onnx is for given teachers)")
+    _check(
+        t.arch != archs.ONNX or (bool(split_uris(t.init)) and not t.finetune),
+        "teacher.arch",
+        t.arch,
+        "onnx only with teacher.init=<.onnx files> and teacher.finetune=false (an ONNX teacher runs as given)",
+    )
+    for key, value in (("teacher.mean", t.mean), ("teacher.std", t.std)):
+        channel_stats(key, value)
     _check(len(split_uris(s.init)) <= 1, "student.init", s.init, "'none' or a single checkpoint")
     resolutions = member_resolutions(t)
     _check(
@@ -648,6 +822,30 @@ def validate(cfg: Config) -> None:
         "a single checkpoint when teacher.finetune is true (ensembles are given already fine-tuned)",
     )
 
+    for key, value, unlabelled_train in (
+        ("data.labels", d.labels, d.labels == "none"),
+        ("distill.images", k.images, bool(k.images)),
+    ):
+        _check(
+            not unlabelled_train or (not t.finetune and bool(split_uris(t.init))),
+            key,
+            value,
+            "a given teacher (teacher.init=<checkpoint> and teacher.finetune=false): the train images have no "
+            "labels to fine-tune on",
+        )
+    _check(
+        not (k.images and d.labels == "none"),
+        "distill.images",
+        k.images,
+        "empty when data.labels=none (data.source already is the unlabelled images)",
+    )
+    _check(
+        not (cfg.export.int8 and d.labels == "none"),
+        "export.int8",
+        cfg.export.int8,
+        "false when data.labels=none (the INT8 check measures test prec@1, which needs labels)",
+    )
+
     _check(f.steps >= 0, "finetune.steps", f.steps, "0 (BiT-HyperRule) or a positive number of steps")
     _check(f.batch_size > 0, "finetune.batch_size", f.batch_size, "a positive integer")
     _check(f.lr > 0, "finetune.lr", f.lr, "a positive number")
@@ -666,7 +864,8 @@ def validate(cfg: Config) -> None:
         f"one of {', '.join(VARIANTS)} (or the aliases {', '.join(f'{a}={v}' for a, v in SETUP_ALIASES.items())})",
     )
     _check(k.ensemble_crops > 0, "distill.ensemble_crops", k.ensemble_crops, "a positive integer")
-    _check(k.epochs > 0, "distill.epochs", k.epochs, "a positive number")
+    _check(k.epochs >= 0, "distill.epochs", k.epochs, "0 (derived from the train-set size) or a positive number")
+    _check(k.max_images >= 0, "distill.max_images", k.max_images, "0 (no cap) or a positive number of images")
     _check(k.batch_size > 0, "distill.batch_size", k.batch_size, "a positive integer")
     _check(k.lr > 0, "distill.lr", k.lr, "a positive number")
     _check(k.weight_decay >= 0, "distill.weight_decay", k.weight_decay, "a non-negative number")
@@ -676,6 +875,7 @@ def validate(cfg: Config) -> None:
     _check(k.optimizer in OPTIMIZERS, "distill.optimizer", k.optimizer, f"one of {', '.join(OPTIMIZERS)}")
     for i, (arch, res) in enumerate(extra_students(k)):
         archs.check_arch(f"distill.extra_students[{i}]", arch)
+        _check(arch != archs.ONNX, f"distill.extra_students[{i}]", arch, "a trainable architecture, not onnx")
         archs.check_resolution(f"distill.extra_students[{i}]", arch, res)
     _check(
         0 < k.crop_min_area <= k.crop_max_area <= 1,
@@ -719,6 +919,7 @@ def validate(cfg: Config) -> None:
     _check(
         cfg.gate.min_teacher_ratio >= 0, "gate.min_teacher_ratio", cfg.gate.min_teacher_ratio, "a non-negative ratio"
     )
+    _check(0 <= cfg.gate.min_agreement <= 1, "gate.min_agreement", cfg.gate.min_agreement, "a fraction in [0, 1]")
     r = cfg.resources
     _check(
         r.accelerator_count >= 0,
@@ -794,6 +995,25 @@ def member_resolutions(teacher: TeacherConfig) -> list[int]:
         ) from None
 
 
+def channel_stats(key: str, value: str) -> tuple[float, float, float] | None:
+    """teacher.mean / teacher.std '0.485,0.456,0.406' → three floats (one value: all channels); '' → None."""
+    if not value.strip():
+        return None
+    try:
+        parts = [float(v) for v in value.split(",")]
+    except ValueError:
+        parts = []
+    ok = len(parts) in (1, 3) and all(math.isfinite(v) for v in parts) and (key.endswith("mean") or min(parts) > 0)
+    if not ok:
+        raise ConfigError(
+            f"{key}={value!r} is not allowed: expected 3 comma-separated numbers (one per RGB channel, on [0, 1] "
+            f"pixels) such as '{'0.485,0.456,0.406' if key.endswith('mean') else '0.229,0.224,0.225'}'"
+            + ("" if key.endswith("mean") else ", each > 0")
+        )
+    r, g, b = parts * 3 if len(parts) == 1 else parts
+    return r, g, b
+
+
 def split_uris(init: str) -> list[str]:
     """'none' → []; 'a.npz, b.npz' → ['a.npz', 'b.npz']."""
     if init.strip().lower() in ("", "none"):
@@ -810,7 +1030,7 @@ def describe_presets() -> dict[str, dict[str, Any]]:
         out[name] = {
             "description": cfg.description,
             "expected": dataclasses.asdict(e),
-            "images_processed": cfg.distill.epochs * e.train_size,
+            "images_processed": planned_images(cfg),
             "gpu_hours": round(hours, 2) if hours else None,
             "smoke": f"funmatch run --preset {name} --set smoke=true",
             "config": cfg.to_dict(),

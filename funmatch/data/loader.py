@@ -1,10 +1,11 @@
-"""The distill loop's input: uint8 NHWC batches of the train split on the training device, step by step.
+"""The distill loop's input: uint8 NHWC batches of the train split on the training device, step by step,
+with their images' frames (N×2 int32 (h, w) on the CPU: where each image lies on its canvas).
 
-Resident: a train split up to `runtime.resident_max_gb` (decoded) is held on the device; a batch is one
-gather there. Streamed: a larger split is read from its memory-mapped shards by DataLoader worker
-processes, each building whole batches (raw shards: a copy; jpeg shards: libjpeg-turbo decode) a few
-steps ahead, in pinned memory, copied to the device without blocking. With `runtime.jpeg_decode=device`
-the workers only read the JPEG bytes and the device decodes the batch (nvJPEG on a GPU).
+Resident: a train split up to `runtime.resident_max_gb` (decoded) is held on the device (its frames, 8 bytes
+an image, on the host); a batch is one gather there. Streamed: a larger split is read from its memory-mapped
+shards by DataLoader worker processes, each building whole batches (raw shards: a copy; jpeg shards:
+libjpeg-turbo decode) a few steps ahead, in pinned memory, copied to the device without blocking. With
+`runtime.jpeg_decode=device` the workers only read the JPEG bytes and the device decodes the batch (nvJPEG on a GPU).
 
 The batch of step s is a pure function of (seed, s) on every path, so a resumed run sees the same data.
 Under DDP each rank builds only the rows its views use (`augment.shard_rows`).
@@ -62,8 +63,8 @@ def _ignore_sigterm(worker_id: int) -> None:
 
 
 class StepBatches(Dataset):
-    """Item s = the rows `rows` of step s's batch: decoded uint8 N×S×S×3, or (when `encoded`) the JPEG
-    bytes back to back with their N+1 offsets."""
+    """Item s = the rows `rows` of step s's batch: (decoded uint8 N×S×S×3, or (when `encoded`) the JPEG
+    bytes back to back with their N+1 offsets; their N×2 int32 frames)."""
 
     def __init__(
         self, source: prepared.ShardedImages, batch_size: int, seed: int, rows: torch.Tensor, encoded: bool = False
@@ -78,11 +79,12 @@ class StepBatches(Dataset):
 
     def __getitem__(self, step: int):
         idx = self.indices(step)
+        frames = torch.from_numpy(self.source.frames(idx))
         if not self.encoded:
-            return torch.from_numpy(self.source.gather(idx))
+            return torch.from_numpy(self.source.gather(idx)), frames
         blobs = self.source.encoded(idx)
         offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
-        return torch.from_numpy(np.concatenate(blobs)), torch.from_numpy(offsets)
+        return (torch.from_numpy(np.concatenate(blobs)), torch.from_numpy(offsets)), frames
 
 
 def decode_packed(packed: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -93,7 +95,7 @@ def decode_packed(packed: tuple[torch.Tensor, torch.Tensor], device: torch.devic
 
 
 class Batches:
-    """The train split's batches for the steps [start, steps), on `device`."""
+    """The train split's batches for the steps [start, steps): (images on `device`, frames on the CPU)."""
 
     def __init__(
         self,
@@ -111,17 +113,19 @@ class Batches:
         self.n = len(self.source)
         self.decode_on_device = jpeg_decode == "device" and self.source.encoding == "jpeg"
         self.resident, self.workers = None, 0
+        self.resident_frames = torch.zeros(0, 2, dtype=torch.int32)
         if self.source.nbytes <= resident_max_gb * 2**30:
             images, _ = prepared.load_split(dataset_dir, "train")  # checksums verified
             self.resident = torch.from_numpy(images).to(device)
+            self.resident_frames = torch.from_numpy(prepared.load_frames(dataset_dir, "train"))
         else:
             self.workers = plan_workers(workers, len(rows) * int(np.prod(self.source.image_shape)))
 
-    def iterate(self, start: int, steps: int) -> Iterator[torch.Tensor]:
+    def iterate(self, start: int, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.resident is not None:
             for step in range(start, steps):
                 idx = prepared.batch_indices(step, self.batch_size, self.n, self.seed)[self.rows]
-                yield self.resident[runtime.to_device(idx, self.device)]
+                yield self.resident[runtime.to_device(idx, self.device)], self.resident_frames[idx]
             return
         batches = StepBatches(self.source, self.batch_size, self.seed, self.rows, encoded=self.decode_on_device)
         loader = DataLoader(
@@ -133,8 +137,8 @@ class Batches:
             prefetch_factor=PREFETCH,
             worker_init_fn=_ignore_sigterm,
         )
-        for batch in loader:
+        for batch, frames in loader:
             if self.decode_on_device:
-                yield decode_packed(batch, self.device)
+                yield decode_packed(batch, self.device), frames
             else:
-                yield batch.to(self.device, non_blocking=True)
+                yield batch.to(self.device, non_blocking=True), frames

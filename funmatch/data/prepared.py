@@ -1,11 +1,16 @@
 """The prepared dataset artifact, what data prep writes and every later stage reads.
 
 A directory: `manifest.json` (classes, split sizes, source, stored resolution, encoding, shard
-checksums, skipped files) and per split shards of images and int64 labels. Images are stored `raw`
-(`.npy` uint8 N×S×S×3, RGB: small datasets, loaded whole onto the GPU) or `jpeg` (the images
-JPEG-encoded back to back plus byte offsets: ImageNet-size datasets, streamed and decoded in parallel
-by the trainer's loader). `.npy` loads without pickle and memory-maps. Data order is a pure function
-of (seed, step): `batch_indices`.
+checksums, skipped files) and per split shards of images, int64 labels and int32 frames. Each image is
+the whole source image, aspect kept, long side = the stored resolution S, at the top-left of an S×S
+canvas with zeros elsewhere; its frame (height, width) says which part is the image (`load_frames`,
+`ShardedImages.frames`). Images are stored `raw` (`.npy` uint8 N×S×S×3, RGB: small datasets, loaded
+whole onto the GPU) or `jpeg` (the canvases JPEG-encoded back to back plus byte offsets: ImageNet-size
+datasets, streamed and decoded in parallel by the trainer's loader). `.npy` loads without pickle and
+memory-maps. Data order is a pure function of (seed, step): `batch_indices`.
+
+Format "funmatch-dataset/2"; a "funmatch-dataset/1" artifact (centre-cropped squares, no frame files)
+still reads, every frame being the whole canvas.
 """
 
 from __future__ import annotations
@@ -26,9 +31,19 @@ from PIL import Image
 from funmatch import storage
 from funmatch.errors import DataError
 
-FORMAT = "funmatch-dataset/1"
+FORMAT = "funmatch-dataset/2"
+FORMATS = ("funmatch-dataset/1", FORMAT)  # what reads: /1 has no frame files (each frame is the whole canvas)
 SPLITS = ("train", "val", "test")
 ENCODINGS = ("raw", "jpeg")  # how the artifact stores images: uint8 arrays, or JPEG bytes
+NO_LABEL = -1  # the label of an image without one (data.labels=none, the images of distill.images)
+
+
+def labelled_splits(manifest: dict) -> tuple[str, ...]:
+    """The splits whose labels are class indices: none with `labels: none`, val and test when the train
+    images came from `distill_images` (out-of-domain), else all three."""
+    if manifest.get("labels") == "none":
+        return ()
+    return ("val", "test") if manifest.get("distill_images") else SPLITS
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -49,7 +64,8 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
 class SplitWriter:
     """Writes one split's shards as images arrive, `shard_size` at a time (memory stays bounded by
     one shard). `raw`: `.npy` uint8 N×S×S×3; `jpeg`: the images JPEG-encoded back to back in a
-    `.jpegs` file with an `.npy` of N+1 byte offsets (3–7× smaller: ImageNet streams from shards)."""
+    `.jpegs` file with an `.npy` of N+1 byte offsets (3–7× smaller: ImageNet streams from shards).
+    Every shard has its labels (`-labels.npy`) and frames (`-frames.npy`, int32 N×2 (h, w))."""
 
     def __init__(
         self,
@@ -70,14 +86,18 @@ class SplitWriter:
             jpeg_quality,
         )
         self.counts = np.zeros(num_classes, dtype=np.int64)
+        self.count = 0
         self.shards: list[dict] = []
         self._images: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
+        self._frames: list[np.ndarray] = []
         self._pending = 0
 
-    def add(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def add(self, images: np.ndarray, labels: np.ndarray, frames: np.ndarray | None = None) -> None:
+        """Queues N×S×S×3 canvases with their labels and frames (None: each the whole canvas)."""
         self._images.append(images)
         self._labels.append(np.asarray(labels, dtype=np.int64))
+        self._frames.append(full_frames(len(images), images.shape[1]) if frames is None else frames.astype(np.int32))
         self._pending += len(images)
         while self._pending >= self.shard_size:
             self._flush(self.shard_size)
@@ -86,17 +106,19 @@ class SplitWriter:
         """Writes the last partial shard; returns the split's manifest entry."""
         if self._pending:
             self._flush(self._pending)
-        return {"count": int(self.counts.sum()), "class_counts": self.counts.tolist(), "shards": self.shards}
+        return {"count": self.count, "class_counts": self.counts.tolist(), "shards": self.shards}
 
     def _flush(self, count: int) -> None:
         images, labels = np.concatenate(self._images), np.concatenate(self._labels)
-        self._images, self._labels = [images[count:]], [labels[count:]]
+        frames = np.concatenate(self._frames)
+        self._images, self._labels, self._frames = [images[count:]], [labels[count:]], [frames[count:]]
         self._pending -= count
-        images, labels = images[:count], labels[:count]
-        self.counts += np.bincount(labels, minlength=len(self.counts))
+        images, labels, frames = images[:count], labels[:count], frames[:count]
+        self.counts += np.bincount(labels[labels != NO_LABEL], minlength=len(self.counts))
+        self.count += count
         stem = self.out / f"{self.split}-{len(self.shards):05d}"
         entry: dict = {"count": count}
-        files = {"labels": (Path(f"{stem}-labels.npy"), labels)}
+        files = {"labels": (Path(f"{stem}-labels.npy"), labels), "frames": (Path(f"{stem}-frames.npy"), frames)}
         if self.encoding == "raw":
             files["images"] = (Path(f"{stem}-images.npy"), images)
         else:
@@ -122,15 +144,21 @@ def write_split(
     num_classes: int,
     encoding: str = "raw",
     jpeg_quality: int = 95,
+    frames: np.ndarray | None = None,
 ) -> dict:
-    """One split written at once (see SplitWriter); returns its manifest entry."""
+    """One split written at once (see SplitWriter; `frames` None: whole canvases); returns its manifest entry."""
     writer = SplitWriter(out_dir, split, shard_size, num_classes, encoding, jpeg_quality)
-    writer.add(images, labels)
+    writer.add(images, labels, frames)
     return writer.close()
 
 
+def full_frames(n: int, size: int) -> np.ndarray:
+    """N×2 int32 frames that are the whole S×S canvas."""
+    return np.full((n, 2), size, np.int32)
+
+
 def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
-    """S×S×3 uint8 → baseline JPEG bytes (4:2:0, as most photographs are stored)."""
+    """S×S×3 uint8 canvas → baseline JPEG bytes (4:2:0, as most photographs are stored)."""
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -158,8 +186,8 @@ def read_manifest(dataset_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{dataset_dir} is not a prepared dataset ({e})") from e
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") not in FORMATS:
+        raise DataError(f"{path}: format {manifest.get('format')!r}, expected one of {FORMATS}")
     if manifest.get("encoding", "raw") not in ENCODINGS:
         raise DataError(f"{path}: encoding {manifest.get('encoding')!r}, expected one of {ENCODINGS}")
     return manifest
@@ -167,25 +195,24 @@ def read_manifest(dataset_dir: str | Path) -> dict:
 
 class ShardedImages:
     """Random access to one split's images through memory-mapped shards: datasets larger than the
-    device (or RAM) stream batch by batch instead of being loaded whole. Picklable (the maps are
-    opened again in each DataLoader worker)."""
+    device (or RAM) stream batch by batch instead of being loaded whole; `frames(idx)` gives their
+    frames. Picklable (the maps are opened again in each DataLoader worker)."""
 
     def __init__(self, dataset_dir: str | Path, split: str) -> None:
-        manifest = read_manifest(dataset_dir)
-        if split not in manifest["splits"]:
-            raise DataError(f"{dataset_dir} has no split {split!r} (has {', '.join(manifest['splits'])})")
+        manifest, shards = _split_shards(Path(dataset_dir), split)
         self.dataset_dir, self.split = Path(dataset_dir), split
         self.encoding = manifest.get("encoding", "raw")
-        self.counts = [sh["count"] for sh in manifest["splits"][split]["shards"]]
+        self.counts = [sh["count"] for sh in shards]
         self.starts = np.cumsum([0] + self.counts)
         size = manifest["stored_resolution"]
         self.image_shape = (size, size, 3)
         self.nbytes = len(self) * size * size * 3  # decoded, as the trainer holds them
-        self._shard_files = manifest["splits"][split]["shards"]
+        self._shard_files = shards
         self._maps: list | None = None
+        self._frames: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
-        return self.__dict__ | {"_maps": None}
+        return self.__dict__ | {"_maps": None, "_frames": None}
 
     @property
     def maps(self) -> list:
@@ -224,6 +251,12 @@ class ShardedImages:
                 out[r] = np.array(blob[offsets[i] : offsets[i + 1]])
         return out
 
+    def frames(self, idx: np.ndarray) -> np.ndarray:
+        """The int32 frames (h, w) of the images at `idx` (N×2; the split's frames are read once, unhashed)."""
+        if self._frames is None:
+            self._frames = _read_frames(self.dataset_dir, self._shard_files, self.image_shape[0], verify=False)
+        return self._frames[idx]
+
     def gather(self, idx: np.ndarray) -> np.ndarray:
         """The decoded images at `idx` (any order), read shard by shard."""
         if self.encoding == "jpeg":
@@ -235,16 +268,13 @@ class ShardedImages:
 
 
 def load_split(dataset_dir: str | Path, split: str, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(images N×S×S×3 uint8, labels N int64) of one whole split; shard checksums verified (a sample of a
-    large split: `load_sample`)."""
+    """(images N×S×S×3 uint8 canvases, labels N int64) of one whole split; shard checksums verified (a
+    sample of a large split: `load_sample`; the frames: `load_frames`)."""
     dataset_dir = Path(dataset_dir)
-    manifest = read_manifest(dataset_dir)
-    if split not in manifest["splits"]:
-        raise DataError(f"{dataset_dir} has no split {split!r} (has {', '.join(manifest['splits'])})")
-    shards = manifest["splits"][split]["shards"]
+    manifest, shards = _split_shards(dataset_dir, split)
     if verify:
         for shard in shards:
-            for kind in ("images", "labels", "offsets"):
+            for kind in ("images", "labels", "offsets", "frames"):
                 path = dataset_dir / shard[kind] if kind in shard else None
                 if path and storage.sha256_file(path) != shard[f"{kind}_sha256"]:
                     raise DataError(f"{path}: checksum mismatch, the dataset artifact is corrupt")
@@ -297,12 +327,50 @@ def stratified_sample(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def _split_shards(dataset_dir: Path, split: str) -> tuple[dict, list[dict]]:
+    """(manifest, the split's shard entries); DataError for a split the artifact lacks."""
+    manifest = read_manifest(dataset_dir)
+    if split not in manifest["splits"]:
+        raise DataError(f"{dataset_dir} has no split {split!r} (has {', '.join(manifest['splits'])})")
+    return manifest, manifest["splits"][split]["shards"]
+
+
+def _read_frames(dataset_dir: Path, shards: list[dict], size: int, verify: bool) -> np.ndarray:
+    """The int32 N×2 frames of `shards`; a shard without a frame file (format /1) is whole canvases."""
+    out = [np.zeros((0, 2), np.int32)]
+    for shard in shards:
+        if "frames" not in shard:
+            out.append(full_frames(shard["count"], size))
+            continue
+        path = dataset_dir / shard["frames"]
+        if verify and storage.sha256_file(path) != shard["frames_sha256"]:
+            raise DataError(f"{path}: checksum mismatch, the dataset artifact is corrupt")
+        out.append(np.load(path, allow_pickle=False).astype(np.int32, copy=False))
+    return np.concatenate(out)
+
+
+def load_frames(dataset_dir: str | Path, split: str, sample: tuple[int, int] | None = None) -> np.ndarray:
+    """The int32 frames (h, w) of one split's images (N×2, checksums verified): the valid top-left region
+    of each stored canvas. `sample=(size, seed)`: only the rows `load_sample(..., size, seed)` returns,
+    in its order."""
+    dataset_dir = Path(dataset_dir)
+    manifest, shards = _split_shards(dataset_dir, split)
+    frames = _read_frames(dataset_dir, shards, manifest["stored_resolution"], verify=True)
+    return frames if sample is None else frames[_sample_rows(dataset_dir, split, *sample)[1]]
+
+
+def _sample_rows(dataset_dir: str | Path, split: str, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the split's labels, the rows of its `stratified_sample`)."""
+    labels = load_labels(dataset_dir, split)
+    return labels, stratified_sample(labels, size, seed)
+
+
 def load_sample(dataset_dir: str | Path, split: str, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) of `stratified_sample(labels, size, seed)` of one split: the labels are read whole
     (checksums verified), then only the sampled images, row by row through the memory-mapped shards (the
-    image shards are not hashed: that would read the whole split)."""
-    labels = load_labels(dataset_dir, split)
-    idx = stratified_sample(labels, size, seed)
+    image shards are not hashed: that would read the whole split). Their frames: `load_frames(...,
+    sample=(size, seed))`."""
+    labels, idx = _sample_rows(dataset_dir, split, size, seed)
     source = ShardedImages(dataset_dir, split)
     if not len(idx):
         return np.zeros((0,) + source.image_shape, np.uint8), np.zeros(0, np.int64)

@@ -1,10 +1,13 @@
 """Raw image sources: the bundled demo, ImageFolder trees (local, gs://, or an archive of one) and the
-paper datasets in torchvision's layouts; decoding files to RGB arrays; quarantining what cannot be read.
+paper datasets in torchvision's layouts; decoding files to RGB arrays (the whole image, aspect kept, long
+side to `data.stored_resolution`, letterboxed at the top-left of the square canvas with its frame recorded);
+quarantining what cannot be read.
 
 A source may be a `.tar`, `.tar.gz`/`.tgz` or `.zip` archive (local or gs://) holding the ImageFolder
 tree; it is extracted after every member has been checked (no absolute paths, no `..`, no links leaving
 the tree, no devices). Files that cannot be decoded are copied, bytes unchanged, into `quarantine/`
 (their path below the source root) and listed with their reason in the manifest's `skipped`.
+Images without labels (`data.labels=none`, `distill.images`): `unlabelled_source`, label NO_LABEL (-1).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import shutil
 import tarfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,7 +31,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from funmatch import storage
-from funmatch.data.prepared import SPLITS
+from funmatch.data import splits as tfds_splits
+from funmatch.data.prepared import NO_LABEL, SPLITS
 from funmatch.errors import DataError
 
 # torchvision's ImageFolder extensions
@@ -162,6 +166,40 @@ def _check_classes(uri: str, classes: list[str], empty: set[str]) -> None:
         raise DataError(f"data.source={uri!r} has a single class {classes[0]!r}: distillation needs at least 2")
 
 
+def image_source(uri: str, workdir: str | Path | None = None, key: str = "data.source") -> Source:
+    """A local directory, gs:// prefix or archive of images without labels (`data.labels=none`,
+    `distill.images`): every image file below it, in any folders, as one pool `all` labelled NO_LABEL."""
+    check_source(uri, key)
+    root, archive = uri.rstrip("/"), ""
+    if is_archive(uri):
+        if workdir is None:
+            raise DataError(f"{key}={uri!r} is an archive: image_source needs a workdir to extract it into")
+        root, archive = extract_archive(uri, workdir), uri
+    files = list(storage.list_files(root)) if storage.is_gcs(root) else _walk_files(root)
+    images = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not images:
+        raise DataError(f"{key}={uri!r} holds no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+    description = f"{'archive' if archive else 'images'}: {uri}, no labels"
+    return Source([], {"all": [(f, NO_LABEL) for f in images]}, description, root=root, archive=archive)
+
+
+def unlabelled_source(
+    uri: str, root: str = "", download: bool = False, workdir: str | Path | None = None, key: str = "data.source"
+) -> Source:
+    """The images of `uri` with their labels dropped, as one pool `all` labelled NO_LABEL: the train images of
+    the demo or a named dataset (SUN397: its one pool), else every image below a directory, gs:// prefix or
+    archive (`image_source`)."""
+    if uri != "demo" and uri not in NAMED_READERS and uri != "imagenet":
+        return image_source(uri, workdir, key)
+    src = open_source(uri, root, download, workdir)
+    description = f"{src.description}; train images, labels dropped"
+    if src.arrays:
+        images = src.arrays["train"][0]
+        return Source([], {}, description, {"all": (images, np.full(len(images), NO_LABEL, np.int64))})
+    pairs = src.files.get("train") or src.files["all"]
+    return Source([], {"all": [(f, NO_LABEL) for f, _ in pairs]}, description, root=src.root, archive=src.archive)
+
+
 def _flowers102(base: Path) -> Source:
     from scipy.io import loadmat
 
@@ -172,7 +210,26 @@ def _flowers102(base: Path) -> Source:
         split: [(str(base / "jpg" / f"image_{int(i):05d}.jpg"), int(labels[int(i) - 1]) - 1) for i in ids[key]]
         for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))
     }
-    return Source([f"flower_{c:03d}" for c in range(1, 103)], files, "flowers102: train / validation / test")
+    return Source(
+        [f"flower_{c:03d}" for c in range(1, 103)],
+        files,
+        "flowers102: TFDS train / validation / test (setid trnid / valid / tstid)",
+    )
+
+
+def _tfds_cut(
+    pairs: list[tuple[str, int]], keys: list[str], train_pct: float, val_from_pct: float
+) -> dict[str, list[tuple[str, int]]]:
+    """TFDS's `train[:train_pct%]` and `train[val_from_pct%:]` of a train split whose examples have TFDS
+    keys `keys`: positions in TFDS's stored order (funmatch.data.splits.tfds_order), each part kept in
+    the source's own order. Examples between the two cuts (ImageNet's train[98%:99%]) are in neither."""
+    order = tfds_splits.tfds_order(keys, "train")
+    n = len(order)
+    take = {
+        "train": sorted(order[: tfds_splits.tfds_slice(n, train_pct)]),
+        "val": sorted(order[tfds_splits.tfds_slice(n, val_from_pct) :]),
+    }
+    return {split: [pairs[i] for i in idx] for split, idx in take.items()}
 
 
 def _pets(base: Path) -> Source:
@@ -182,7 +239,11 @@ def _pets(base: Path) -> Source:
         rows = [line.split()[:2] for line in (base / "annotations" / f"{name}.txt").read_text().splitlines() if line]
         files[split] = [(str(base / "images" / f"{image_id}.jpg"), int(label) - 1) for image_id, label in rows]
         names.update({int(label) - 1: image_id.rsplit("_", 1)[0] for image_id, label in rows})
-    return Source([names[i] for i in sorted(names)], files, "pets: trainval (→ train[:90%] / train[90%:]) / test")
+    # TFDS oxford_iiit_pet: split 'train' = trainval.txt, example key '<image id>.jpg'
+    files |= _tfds_cut(files["train"], [posixpath.basename(f) for f, _ in files["train"]], 90, 90)
+    return Source(
+        [names[i] for i in sorted(names)], files, "pets: TFDS train[:90%] / train[90%:] (trainval.txt) / test"
+    )
 
 
 def _food101(base: Path) -> Source:
@@ -191,24 +252,41 @@ def _food101(base: Path) -> Source:
         split: json.loads((base / "meta" / f"{name}.json").read_text())
         for split, name in (("train", "train"), ("test", "test"))
     }
-    classes = sorted(meta["train"])
+    classes = tfds_splits.food101_labels()  # TFDS's label order, which the released teacher's head uses
+    for split, m in meta.items():
+        if set(m) != set(classes):
+            raise ValueError(
+                f"meta/{split}.json's classes differ from Food-101's 101 (e.g. {sorted(set(m) ^ set(classes))[:3]})"
+            )
     files = {
-        split: [(str(base / "images" / f"{rel}.jpg"), classes.index(c)) for c in classes for rel in m[c]]
+        split: [(str(base / "images" / f"{rel}.jpg"), i) for i, c in enumerate(classes) for rel in m[c]]
         for split, m in meta.items()
     }
-    return Source(classes, files, "food101: train (→ train[:90%] / train[90%:]) / test (TFDS validation)")
+    # TFDS food101: split 'train' = meta/train.json, 'validation' = meta/test.json, key = '<class>/<id>'
+    keys = [rel for c in classes for rel in meta["train"][c]]
+    files |= _tfds_cut(files["train"], keys, 90, 90)
+    return Source(classes, files, "food101: TFDS train[:90%] / train[90%:] / validation (meta/test.json) as test")
 
 
 def _sun397(base: Path) -> Source:
+    """TFDS `sun397` (config `tfds`, big_vision's `sun397`): its shipped train / validation / test file
+    lists, label = the file's folder in TFDS's class order. A listed file missing from the copy stays
+    in its split and is reported by decode like an unreadable one (skipped, counted against
+    data.max_bad_fraction); the description names how many and the first few."""
     base = base / "SUN397"
-    classes = [line.strip() for line in (base / "ClassName.txt").read_text().splitlines() if line.strip()]
-    index = {c: i for i, c in enumerate(classes)}
-    pairs = sorted((str(p), index["/" + "/".join(p.relative_to(base).parts[:-1])]) for p in base.rglob("sun_*.jpg"))
-    return Source(
-        [c.rsplit("/", 1)[-1] if c.count("/") == 2 else c.strip("/") for c in classes],
-        {"all": pairs},
-        "sun397: one pool, split seeded and stratified",
-    )
+    labels = tfds_splits.sun397_labels()
+    index = {c: i for i, c in enumerate(labels)}
+    lists = tfds_splits.sun397_lists()
+    listed = [f for fs in lists.values() for f in fs]
+    present = {"/" + p.relative_to(base).as_posix() for p in base.rglob("sun_*.jpg")}
+    missing = [f for f in listed if f not in present]
+    if len(missing) == len(listed):
+        raise FileNotFoundError(f"none of TFDS's {len(listed)} SUN397 images is below {base} (e.g. {base}{listed[0]})")
+    files = {split: [(f"{base}{f}", index[f.rsplit("/", 1)[0]]) for f in fs] for split, fs in lists.items()}
+    description = "sun397: TFDS sun397/tfds file lists train / validation / test"
+    if missing:
+        description += f"; {len(missing)} listed file(s) missing (skipped as unreadable): {', '.join(missing[:3])}"
+    return Source([c.rsplit("/", 1)[-1] if c.count("/") == 2 else c.strip("/") for c in labels], files, description)
 
 
 NAMED_READERS = {"flowers102": _flowers102, "pets": _pets, "food101": _food101, "sun397": _sun397}
@@ -219,13 +297,17 @@ TORCHVISION_CLASSES = {"flowers102": "Flowers102", "pets": "OxfordIIITPet", "foo
 
 def named_source(name: str, root: str, download: bool) -> Source:
     """The paper's datasets: torchvision's on-disk layouts under `root` (ImageNet: ImageFolder `train/` +
-    `val/`, the latter being the paper's test split). Splits the source lacks (train[90%:], train[98%:],
-    SUN397's partitions) are cut by prepare with a seeded stratified split."""
+    `val/`, the latter being the paper's test split), split as big_vision's configs/proj/distill/*.py
+    split them in TFDS: the same files, and percent slices (`train[:90%]`, ...) taken in TFDS's stored
+    order (funmatch.data.splits), so train/val/test are all given and prepare cuts nothing."""
     if name == "imagenet":
         src = folder_source(root)
         if "val" in src.files and "test" not in src.files:
             src.files["test"] = src.files.pop("val")  # ImageNet's official validation is the paper's test
-        src.description = "imagenet: train (→ train[:98%] / train[98%:]) / validation (= test)"
+        src.description = "imagenet: train / val / test folders as given"
+        if "val" not in src.files:  # bit_i1k.py: train 'train[:98%]', minival 'train[99%:]'; TFDS key: file name
+            src.files |= _tfds_cut(src.files["train"], [posixpath.basename(f) for f, _ in src.files["train"]], 98, 99)
+            src.description = "imagenet: TFDS train[:98%] / train[99%:] (bit_i1k minival) / validation (= test)"
         return src
     if storage.is_gcs(root):
         raise DataError(
@@ -261,21 +343,21 @@ def open_source(uri: str, root: str = "", download: bool = False, workdir: str |
     return folder_source(uri)
 
 
-def check_data(source: str, root: str, download: bool) -> None:
-    """Fails fast (before any compute) when the configured data cannot be read."""
+def check_data(source: str, root: str, download: bool, key: str = "data.source") -> None:
+    """Fails fast (before any compute) when the configured data (`key`: its config key) cannot be read."""
     if source in NAMED_READERS or source == "imagenet":
         if not root:
             raise DataError(
-                f"data.source={source!r} needs data.root: the directory (or, for imagenet, gs:// prefix) holding it"
+                f"{key}={source!r} needs data.root: the directory (or, for imagenet, gs:// prefix) holding it"
             )
         if not download:
             check_source(root)
         return
-    check_source(source)
+    check_source(source, key)
 
 
-def check_source(uri: str) -> None:
-    """Fails fast (before any compute) when `uri` cannot be a source."""
+def check_source(uri: str, key: str = "data.source") -> None:
+    """Fails fast (before any compute) when `uri` (the value of config key `key`) cannot be a source."""
     if uri == "demo":
         return
     if storage.is_gcs(uri):
@@ -284,19 +366,19 @@ def check_source(uri: str) -> None:
     if is_archive(uri):
         if not os.path.isfile(uri):
             raise DataError(
-                f"data.source={uri!r} does not exist or is not a file (an archive source is a "
+                f"{key}={uri!r} does not exist or is not a file (an archive source is a "
                 f"local or gs:// {'/'.join(ARCHIVE_EXTENSIONS)} file)"
             )
         if not os.access(uri, os.R_OK):
-            raise DataError(f"data.source={uri!r} is not readable")
+            raise DataError(f"{key}={uri!r} is not readable")
         return
     if not os.path.isdir(uri):
         raise DataError(
-            f"data.source={uri!r} does not exist or is not a directory "
+            f"{key}={uri!r} does not exist or is not a directory "
             "(expected 'demo', a directory in ImageFolder layout or a gs:// prefix)"
         )
     if not os.access(uri, os.R_OK | os.X_OK):
-        raise DataError(f"data.source={uri!r} is not readable")
+        raise DataError(f"{key}={uri!r} is not readable")
 
 
 def is_archive(uri: str) -> bool:
@@ -366,8 +448,9 @@ def extract_archive(uri: str, workdir: str | Path) -> str:
 
 
 def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
-    """Bytes → S×S×3 uint8 RGB: EXIF orientation applied, any mode converted, short side resized to
-    `size` (antialiased), centre-cropped. Raises ValueError for anything unreadable or too large."""
+    """Bytes → h×w×3 uint8 RGB, the whole image with its aspect ratio: EXIF orientation applied, any
+    mode converted, resized (antialiased) so that its long side is `size` (`fit_long_side`; `letterbox`
+    places it on the stored canvas). Raises ValueError for anything unreadable or too large."""
     if not data:
         raise BadImage("empty", "empty file (0 bytes)")
     Image.MAX_IMAGE_PIXELS = max_pixels
@@ -392,8 +475,31 @@ def decode_image(data: bytes, size: int, max_pixels: int) -> np.ndarray:
         except (OSError, SyntaxError) as e:
             kind = "truncated" if "truncated" in str(e) else "corrupt"
             raise BadImage(kind, f"{type(e).__name__}: {e}") from e
-    img = ImageOps.fit(img, (size, size), method=Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(fit_long_side(img, size), dtype=np.uint8)
+
+
+def fit_long_side(img: Image.Image, size: int) -> Image.Image:
+    """`img` resized (bilinear, antialiased) so that its long side is `size` and its short side
+    round(short·size/long) (at least 1): the whole frame, aspect kept. An image whose long side is at most
+    `size` is kept as it is (the views resize it anyway: storing it upscaled would only add bytes, e.g. an
+    ImageNet photo on a 592 px canvas); a larger square one comes out exactly as the former short-side fit."""
+    w, h = img.size
+    long = max(w, h)
+    if long <= size:
+        return img
+    new = (max(1, round(w * size / long)), max(1, round(h * size / long)))
+    return img if new == img.size else img.resize(new, Image.Resampling.BILINEAR)
+
+
+def letterbox(images: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """h×w×3 uint8 images (each side at most `size`) → (N×S×S×3 canvases with each image at the top-left
+    and zeros elsewhere, N×2 int32 frames (h, w): the valid region of each canvas)."""
+    canvas = np.zeros((len(images), size, size, 3), np.uint8)
+    frames = np.zeros((len(images), 2), np.int32)
+    for i, im in enumerate(images):
+        h, w = im.shape[:2]
+        canvas[i, :h, :w], frames[i] = im, (h, w)
+    return canvas, frames
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -411,17 +517,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_array(images: np.ndarray, size: int) -> np.ndarray:
-    """N×H×W(×C) uint8 → N×S×S×3 through the same fit as decoded files."""
+def resize_array(images: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """N×H×W(×C) uint8 → (N×S×S×3 canvases, N×2 int32 frames) through the same fit as decoded files."""
     if images.ndim == 3:
         images = images[..., None]
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     if images.shape[1:3] == (size, size):
-        return np.ascontiguousarray(images)
-    return np.stack(
-        [np.asarray(ImageOps.fit(Image.fromarray(im), (size, size), Image.Resampling.BILINEAR)) for im in images]
-    )
+        return np.ascontiguousarray(images), np.full((len(images), 2), size, np.int32)
+    return letterbox([np.asarray(fit_long_side(Image.fromarray(im), size)) for im in images], size)
 
 
 def decode_files(
@@ -430,9 +534,10 @@ def decode_files(
     max_pixels: int,
     progress: Callable[[int], object] | None = None,
     workers: int = 0,
-) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
     """Decodes files in parallel threads (0: 64 for gs:// objects, whose reads mostly wait on the
-    network, else 2 per CPU); returns (images, labels, skipped[{path, kind, reason}]) in input order."""
+    network, else 2 per CPU); returns (images N×S×S×3 letterboxed, frames N×2, labels,
+    skipped[{path, kind, reason}]) in input order."""
     if not workers:
         workers = 64 if pairs and storage.is_gcs(pairs[0][0]) else 2 * (os.cpu_count() or 4)
 
@@ -457,8 +562,8 @@ def decode_files(
             else:
                 images.append(img)
                 labels.append(label)
-    shape = (0, size, size, 3)
-    return (np.stack(images) if images else np.zeros(shape, np.uint8), np.asarray(labels, dtype=np.int64), skipped)
+    canvas, frames = letterbox(images, size)
+    return canvas, frames, np.asarray(labels, dtype=np.int64), skipped
 
 
 def quarantine(source: Source, skipped: list[dict], out_dir: str | Path) -> None:

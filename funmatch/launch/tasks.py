@@ -142,7 +142,8 @@ def evaluate(config_json: str, dataset, teacher, student, metrics, classificatio
     ui = result.ui_view()
     for key, value in ui.metrics.items():
         metrics.log_metric(key.replace("@", "_at_"), value)  # KFP metric names: no '@'
-    classification.log_confusion_matrix(ui.classes, ui.confusion)
+    if ui.classes:  # data.labels=none: no confusion matrix
+        classification.log_confusion_matrix(ui.classes, ui.confusion)
     Path(metrics.path).write_text(json.dumps(ui.metrics))  # a file, so kfp.local's cache sees the output
     Path(classification.path).write_text(json.dumps({"classes": ui.classes, "matrix": ui.confusion}))
     Path(html.path).write_text(result.report_html)

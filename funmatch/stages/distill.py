@@ -49,7 +49,7 @@ from funmatch.storage.checkpoint import CheckpointManager
 
 log = logging.getLogger(__name__)
 
-ValSet = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # val images, labels, the teacher's logits
+ValSet = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # val images, frames, labels, teacher logits
 
 
 def _nothing(*args: Any) -> None:
@@ -120,18 +120,21 @@ def run(
         cfg.runtime.loader_workers,
         cfg.runtime.jpeg_decode,
     )
-    steps = _total_steps(k, batches.n)
+    budget = _budget(k, batches.n)
+    steps = budget.steps
 
     # Teacher (frozen) and students (from scratch with a zero head, the paper's default), each student
     # with its own optimizer and checkpoints; one teacher forward per step feeds all of them. Further
     # students resume at the first one's step.
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format  # NHWC convs on GPUs
-    teacher = _Teacher(teacher_dir, manifest["classes"], device, fmt)
+    # data.labels=none: no dataset classes, the students learn the teacher's label space
+    teacher = _Teacher(teacher_dir, manifest["classes"] if manifest.get("labels") != "none" else None, device, fmt)
+    classes = teacher.info["classes"]
     specs = [(s.arch, s.resolution)] + config.extra_students(k)
     learners = _students(
         cfg,
         specs,
-        manifest["num_classes"],
+        len(classes),
         device,
         fmt,
         world,
@@ -157,7 +160,7 @@ def run(
     val_set = _val_set(dataset_dir, teacher, cfg, device) if k.eval_every else None
     local = slice(rank * k.batch_size // world, (rank + 1) * k.batch_size // world)
 
-    def update(step: int, images: torch.Tensor) -> None:
+    def update(step: int, images: torch.Tensor, frames: torch.Tensor) -> None:
         """One step (big_vision's update_fn): the views, the teacher's targets, every student's update."""
         if cudagraphs:  # several compiled graphs run per step: tell CUDA graph trees where a step begins
             torch.compiler.cudagraph_mark_step_begin()
@@ -171,6 +174,7 @@ def run(
             shard=(rank, world),
             batch_size=k.batch_size,
             crop_pct=cfg.eval.crop_pct,
+            frames=frames,
         )
         if fmt is torch.channels_last:
             s_in = [x.contiguous(memory_format=fmt) for x in s_in]
@@ -183,7 +187,7 @@ def run(
                 runtime.to_device(prepared.batch_indices(step, k.batch_size, batches.n, seed)[local], device)
             ]
         target = hooks.on_targets(step, target)
-        lr = k.lr * optim.warmup_cosine(step, k.warmup_steps, steps)
+        lr = k.lr * optim.warmup_cosine(step, budget.warmup, steps)
         for learner, x in zip(learners, s_in, strict=True):
             learner.step(x, target, lr, amp, k, step + 1)
 
@@ -196,7 +200,7 @@ def run(
         k.setup,
         steps,
         k.batch_size,
-        k.epochs,
+        budget.epochs,
         batches.n,
         k.temperature,
         k.lr,
@@ -212,12 +216,12 @@ def run(
         _Checkpoints(learners, rank, steps, hooks) as checkpoints,
         _Progress(Path(out_dir), rank, start, steps, k.batch_size) as progress,
     ):
-        for step, images in zip(range(start, steps), batches.iterate(start, steps), strict=True):
+        for step, (images, frames) in zip(range(start, steps), batches.iterate(start, steps), strict=True):
             hooks.on_step(step)
             if step == save_cache_at:  # the first step compiled every graph
                 _save_compile_cache(compile_cache)
             throughput.step(step)
-            update(step, images)
+            update(step, images, frames)
             done = step + 1
             progress.update()
             if done % k.log_every == 0 or done == steps:
@@ -234,31 +238,43 @@ def run(
         torch.distributed.destroy_process_group()
         if rank > 0:
             return {"rank": rank, "steps": steps}
-    info = _write_students(cfg, learners, manifest, teacher, steps, clock(), Path(out_dir)) | measured
+    info = _write_students(cfg, learners, classes, teacher, budget, clock(), Path(out_dir)) | measured
     (Path(out_dir) / "model.json").write_text(json.dumps(info | {"members": ["member-0.safetensors"]}, indent=1))
     log.info("distilled %d steps in %.1fs", steps - start, info["wall_s"])
     return info
 
 
-def _total_steps(k: DistillConfig, n: int) -> int:
-    """The run's steps for `n` train images; the warmup must be shorter."""
-    steps = optim.total_steps(k.epochs, n, k.batch_size)
-    if k.warmup_steps >= steps:
+def _budget(k: DistillConfig, n: int) -> config.Budget:
+    """The run's steps and warmup for `n` train images (`config.distill_budget`: `distill.epochs`, or derived
+    from `n` when it is 0, capped by `distill.max_images`), logged in one line; the warmup must be shorter."""
+    budget = config.distill_budget(k, n)
+    if budget.warmup >= budget.steps:
         raise ConfigError(
-            f"distill.warmup_steps={k.warmup_steps} is not allowed: this run has only {steps} "
-            f"steps ({k.epochs} epochs × {n} images / batch {k.batch_size}); expected fewer"
+            f"distill.warmup_steps={k.warmup_steps} is not allowed: this run has only {budget.steps} "
+            f"steps ({budget.how}; {n} images / batch {k.batch_size}); expected fewer"
         )
-    return steps
+    log.info(
+        "distill budget: %d steps × batch %d = %d images seen (%.4g epochs of %d), warmup %d: %s",
+        budget.steps,
+        k.batch_size,
+        budget.steps * k.batch_size,
+        budget.epochs,
+        n,
+        budget.warmup,
+        budget.how,
+    )
+    return budget
 
 
 class _Teacher:
     """The teacher (or ensemble): frozen, eval mode, outside the optimizer and the checkpoints."""
 
     def __init__(
-        self, teacher_dir: str | Path, classes: list[str], device: torch.device, fmt: torch.memory_format
+        self, teacher_dir: str | Path, classes: list[str] | None, device: torch.device, fmt: torch.memory_format
     ) -> None:
+        """`classes`: the dataset's, which the teacher's must equal (None: no labels, nothing to check)."""
         members, self.info = models.load_bundle(teacher_dir, device)
-        if self.info["classes"] != classes:
+        if classes is not None and self.info["classes"] != classes:
             raise DataError(f"teacher classes {self.info['classes'][:5]}... differ from the dataset's {classes[:5]}...")
         self.members = [models.freeze(t) for t in members]
         self.resolutions = resolutions(self.info)  # one per ensemble member
@@ -282,21 +298,24 @@ class _Teacher:
         in memory), by variant: fix/cc (alias `fixed`) the central crop (the eval view, big_vision's
         `resize_small(H)|central_crop(L)`); fix/rs the whole image resized (`augment.resized_view`);
         fix/ic_ens the average of the teacher's predictions over `distill.ensemble_crops` inception crops
-        + flips (`ensemble_targets`)."""
+        + flips (`ensemble_targets`). Each view is taken from the image's own frame."""
         train = prepared.ShardedImages(dataset_dir, "train")
         variant = config.canonical_setup(cfg.distill.setup)
         out = []
         for a, c in zip(train.starts[:-1], train.counts, strict=True):
             images = torch.from_numpy(train.gather(np.arange(a, a + c)))
+            frames = torch.from_numpy(train.frames(np.arange(a, a + c)))
             if variant == "fix/cc":
-                out.append(predict(self.members, images, self.resolutions, cfg.eval, device))
+                out.append(predict(self.members, images, self.resolutions, cfg.eval, device, frames))
             elif variant == "fix/rs":
-                out.append(
-                    self.batched(images, lambda b, r, _: augment.resized_view(b, r), cfg.eval.batch_size, device, amp)
-                )
+
+                def resized(b: torch.Tensor, r: int, rows: slice, frames: torch.Tensor = frames) -> torch.Tensor:
+                    return augment.resized_view(b, r, frames[rows])
+
+                out.append(self.batched(images, resized, cfg.eval.batch_size, device, amp))
             else:
                 gen = augment.step_generator(cfg.runtime.seed, int(a), stream=ENSEMBLE_STREAM)
-                out.append(ensemble_targets(self, images, cfg, gen, device, amp))
+                out.append(ensemble_targets(self, images, cfg, gen, device, amp, frames))
         return torch.cat(out).to(device)
 
     def batched(
@@ -321,15 +340,24 @@ ENSEMBLE_STREAM = 2  # the step_generator stream of fix/ic_ens's crops (0: the t
 
 
 def ensemble_targets(
-    teacher: _Teacher, images_u8: torch.Tensor, cfg: Config, generator: torch.Generator, device: torch.device, amp: Any
+    teacher: _Teacher,
+    images_u8: torch.Tensor,
+    cfg: Config,
+    generator: torch.Generator,
+    device: torch.device,
+    amp: Any,
+    frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fix/ic_ens targets of `images_u8`: the teacher's prediction averaged over K = distill.ensemble_crops
     inception crops + flips per image (paper §3.1.1: "the average of 1k inception crops"), averaged as
     probabilities at the distillation temperature t and returned as logits t·log(mean_k softmax(z_k / t)),
     so that the loss's softmax(target / t) is exactly that average. Crop k of every image is drawn from
-    `generator` before crop k+1, so the result does not depend on the eval batch size."""
+    `generator` before crop k+1, so the result does not depend on the eval batch size. The crops lie in
+    each image's frame (`frames` N×2 (h, w); None: the whole canvas)."""
     k, t = cfg.distill, cfg.distill.temperature
-    n, height, width = images_u8.shape[:3]
+    n = len(images_u8)
+    height, width = augment.frame_sides(images_u8, frames)
+    images_u8 = augment.fill_letterbox(images_u8, frames)  # crops sample the frames alone
     total: torch.Tensor | None = None
     for _ in range(k.ensemble_crops):
         boxes = augment.inception_boxes(n, height, width, (k.crop_min_area, k.crop_max_area), generator)
@@ -350,7 +378,8 @@ def ensemble_targets(
 def _val_set(dataset_dir: str | Path, teacher: _Teacher, cfg: Config, device: torch.device) -> ValSet:
     """The val split for curves during training, with the teacher's logits computed once."""
     vx, vy = (torch.from_numpy(a) for a in prepared.load_split(dataset_dir, "val"))
-    return vx, vy, predict(teacher.members, vx, teacher.resolutions, cfg.eval, device)
+    vf = torch.from_numpy(prepared.load_frames(dataset_dir, "val"))
+    return vx, vf, vy, predict(teacher.members, vx, teacher.resolutions, cfg.eval, device, vf)
 
 
 class _Throughput:
@@ -653,22 +682,29 @@ def _learner(
 
 
 def _write_students(
-    cfg: Config, learners: list[Learner], manifest: dict, teacher: _Teacher, steps: int, wall_s: float, out_dir: Path
+    cfg: Config,
+    learners: list[Learner],
+    classes: list[str],
+    teacher: _Teacher,
+    budget: config.Budget,
+    wall_s: float,
+    out_dir: Path,
 ) -> dict:
     """Each student as a model bundle with its history.json (the first in `out_dir`, others in extra-<i>);
     returns the first's info."""
     k, s = cfg.distill, cfg.student
     common = {
         "role": "student",
-        "classes": manifest["classes"],
+        "classes": classes,
         "crop_pct": cfg.eval.crop_pct,
         "teacher": teacher.info["arch"],
         "teacher_resolution": teacher.resolutions[0],
         "teacher_stem_pool": teacher.info.get("stem_pool", "zero_pad"),
         "setup": k.setup,
-        "steps": steps,
-        "epochs": k.epochs,
-        "images_seen": steps * k.batch_size,
+        "steps": budget.steps,
+        "epochs": budget.epochs,  # what ran: derived or capped budgets differ from distill.epochs
+        "images_seen": budget.steps * k.batch_size,
+        "budget": budget.how,
         "config_hash": cfg.hash(),
         "wall_s": wall_s,
     }
@@ -742,12 +778,12 @@ def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 def _val_metrics(student: torch.nn.Module, val_set: ValSet, res: int, cfg: Config, device: torch.device) -> dict:
-    vx, vy, t_logits = val_set
+    vx, vf, vy, t_logits = val_set
     student.eval()
-    s_logits = predict([student], vx, res, cfg.eval, device)
+    s_logits = predict([student], vx, res, cfg.eval, device, vf)
     d = distances(s_logits, t_logits)
-    return {
-        "val_prec@1": round(prec1(s_logits, vy), 4),
+    labelled = bool((vy != prepared.NO_LABEL).all())  # data.labels=none: agreement with the teacher only
+    return ({"val_prec@1": round(prec1(s_logits, vy), 4)} if labelled else {}) | {
         "val_agree@1": round(d["agree@1"], 4),
         "val_kl": round(d["kl"], 4),
     }

@@ -3,7 +3,9 @@
 prec@1 for both models; student–teacher distances on logits at eval preprocessing (big_vision
 `proj.distill.distance`): agree@1 (same argmax), agree@5 (teacher's top-1 in the student's top-5),
 KL(teacher ‖ student) at t=1 and the logits' L2 distance. The teacher runs once per split. The test
-split adds per-class accuracy and the confusion matrix.
+split adds per-class accuracy and the confusion matrix. Splits without labels (all of them with
+`data.labels=none`, minitrain with `distill.images`) get the distances only: no accuracy, no confusion
+matrix, and the quality gate compares test agree@1 with `gate.min_agreement`.
 
 The report artifact keeps every figure (`metrics.json`, `confusion.json`). The Kubeflow UI gets
 `Evaluation.ui_view()`: the same for up to UI_MAX_CLASSES classes; above that (ImageNet: 1000) the
@@ -38,15 +40,21 @@ CLASS_PREC = "student/test/class_prec@1/"  # + class name: the student's per-cla
 
 @torch.no_grad()
 def predict(
-    members: list[nn.Module], images_u8: torch.Tensor, res: int | list[int], ev: EvalConfig, device: torch.device
+    members: list[nn.Module],
+    images_u8: torch.Tensor,
+    res: int | list[int],
+    ev: EvalConfig,
+    device: torch.device,
+    frames: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (float32, CPU) of an ensemble (logits averaged; each member at its own resolution) on
-    eval views of uint8 NHWC images."""
+    eval views of uint8 NHWC images, each from its frame (`frames` N×2 (h, w); None: the whole canvas)."""
     resolutions = res if isinstance(res, list) else [res] * len(members)
     out = []
     for start in range(0, len(images_u8), ev.batch_size):
         batch = images_u8[start : start + ev.batch_size].to(device)
-        views = {r: augment.eval_view(batch, r, ev.crop_pct) for r in set(resolutions)}
+        f = None if frames is None else frames[start : start + ev.batch_size]
+        views = {r: augment.eval_view(batch, r, ev.crop_pct, f) for r in set(resolutions)}
         out.append(torch.stack([m(views[r]).float() for m, r in zip(members, resolutions, strict=True)]).mean(0).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -94,9 +102,15 @@ class UIView:
 
 
 def gate(cfg: Config, metrics: dict) -> tuple[bool, str]:
-    """(passed, one line saying why) for the quality gate before export."""
-    s, t = metrics["student/test/prec@1"], metrics["teacher/test/prec@1"]
+    """(passed, one line saying why) for the quality gate before export: on test prec@1, or without
+    labels (no prec@1 in `metrics`) on the student's top-1 agreement with the teacher."""
     g = cfg.gate
+    if "student/test/prec@1" not in metrics:
+        a = metrics["student/test/agree@1"]
+        if a < g.min_agreement:
+            return False, f"student test agree@1 {a:.4f} < gate.min_agreement={g.min_agreement} (no labels)"
+        return True, f"student test agree@1 {a:.4f} with the teacher passes gate.min_agreement={g.min_agreement}"
+    s, t = metrics["student/test/prec@1"], metrics["teacher/test/prec@1"]
     if s < g.min_student_acc:
         return False, f"student test prec@1 {s:.4f} < gate.min_student_acc={g.min_student_acc}"
     if s < g.min_teacher_ratio * t:
@@ -109,17 +123,28 @@ def gate(cfg: Config, metrics: dict) -> tuple[bool, str]:
 
 def report_html(metrics: dict, student_dir: Path, s_info: dict, t_info: dict, gate_reason: str, note: str = "") -> str:
     """A self-contained HTML page for the Kubeflow UI: teacher/student table and training curves
-    (and `note`, a paragraph under the gate's verdict)."""
+    (and `note`, a paragraph under the gate's verdict); without labels agreement with the teacher only."""
     import base64
     import io
 
-    rows = "".join(
-        f"<tr><td>{split}</td><td>{metrics.get(f'teacher/{split}/prec@1', float('nan')):.4f}</td>"
-        f"<td>{metrics.get(f'student/{split}/prec@1', float('nan')):.4f}</td>"
-        f"<td>{metrics.get(f'student/{split}/agree@1', float('nan')):.4f}</td>"
-        f"<td>{metrics.get(f'student/{split}/kl', float('nan')):.4f}</td></tr>"
-        for split in ("minitrain", "val", "test")
-    )
+    if "student/test/prec@1" not in metrics:
+        header = "<th>agree@1</th><th>agree@5</th><th>KL</th>"
+        keys = ("agree@1", "agree@5", "kl")
+        rows = "".join(
+            f"<tr><td>{split}</td>"
+            + "".join(f"<td>{metrics.get(f'student/{split}/{k}', float('nan')):.4f}</td>" for k in keys)
+            + "</tr>"
+            for split in ("minitrain", "val", "test")
+        )
+    else:
+        header = "<th>teacher prec@1</th><th>student prec@1</th><th>agree@1</th><th>KL</th>"
+        rows = "".join(
+            f"<tr><td>{split}</td><td>{metrics.get(f'teacher/{split}/prec@1', float('nan')):.4f}</td>"
+            f"<td>{metrics.get(f'student/{split}/prec@1', float('nan')):.4f}</td>"
+            f"<td>{metrics.get(f'student/{split}/agree@1', float('nan')):.4f}</td>"
+            f"<td>{metrics.get(f'student/{split}/kl', float('nan')):.4f}</td></tr>"
+            for split in ("minitrain", "val", "test")
+        )
     history_file = student_dir / "history.json"
     history = json.loads(history_file.read_text()) if history_file.exists() else []
     img = ""
@@ -132,8 +157,8 @@ def report_html(metrics: dict, student_dir: Path, s_info: dict, t_info: dict, ga
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         axes[0].plot([h["step"] for h in history], [h["loss"] for h in history])
         axes[0].set(xlabel="step", ylabel="KD loss", yscale="log", title="train loss")
-        val = [h for h in history if "val_prec@1" in h]
-        for key in ("val_prec@1", "val_agree@1"):
+        val = [h for h in history if "val_agree@1" in h]
+        for key in (k for k in ("val_prec@1", "val_agree@1") if all(k in h for h in val)):  # no labels: agree
             axes[1].plot([h["step"] for h in val], [h[key] for h in val], marker="o", label=key)
         axes[1].set(xlabel="step", title="student on val")
         axes[1].legend()
@@ -147,8 +172,7 @@ def report_html(metrics: dict, student_dir: Path, s_info: dict, t_info: dict, ga
         f"<html><body><h3>funmatch: {t_info['arch']}@{t_info['resolution']} → "
         f"{s_info['arch']}@{s_info['resolution']} ({s_info.get('setup', '')}, {s_info.get('steps', '?')} steps)</h3>"
         f"<p>Quality gate: {gate_reason}</p>{note_html}<table border=1 cellpadding=4><tr><th>split</th>"
-        "<th>teacher prec@1</th><th>student prec@1</th><th>agree@1</th><th>KL</th></tr>"
-        f"{rows}</table>{img}</body></html>"
+        f"{header}</tr>{rows}</table>{img}</body></html>"
     )
 
 
@@ -165,11 +189,13 @@ class Evaluation:
     report_html: str
 
     def write(self, out_dir: str | Path) -> None:
-        """`metrics.json` (what export reads), `confusion.json` and `report.html` into `out_dir`."""
+        """`metrics.json` (what export reads), `confusion.json` (not without labels) and `report.html`
+        into `out_dir`."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(self.metrics, indent=1))
-        (out / "confusion.json").write_text(json.dumps({"classes": self.classes, "matrix": self.confusion}))
+        if self.classes:
+            (out / "confusion.json").write_text(json.dumps({"classes": self.classes, "matrix": self.confusion}))
         (out / "report.html").write_text(self.report_html)
 
     def ui_view(self, max_classes: int = UI_MAX_CLASSES, k: int = UI_TOP_K) -> UIView:
@@ -210,7 +236,9 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
     for sub in s_info.get("extra_students", []):
         members, e_info = models.load_bundle(Path(student_dir) / sub, device)
         extras[f"{e_info['arch']}@{e_info['resolution']}"] = members, e_info
-    classes = prepared.read_manifest(dataset_dir)["classes"]
+    manifest = prepared.read_manifest(dataset_dir)
+    labelled = prepared.labelled_splits(manifest)  # splits with labels: accuracy; all: agreement
+    classes = manifest["classes"] if "test" in labelled else []  # no labels: no confusion matrix
     metrics: dict[str, float] = {}
     confusion = None
     for split in ("minitrain", "val", "test"):
@@ -220,27 +248,40 @@ def run(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_d
         if len(labels_np) == 0:
             continue
         images, labels = torch.from_numpy(images_np), torch.from_numpy(labels_np)
-        t_logits = predict(teachers, images, resolutions(t_info), cfg.eval, device)
-        s_logits = predict(students, images, s_info["resolution"], cfg.eval, device)
+        sample = (cfg.eval.minitrain_size, cfg.data.split_seed) if split == "minitrain" else None
+        frames = torch.from_numpy(prepared.load_frames(dataset_dir, "train" if sample else split, sample))
+        has_labels = ("train" if sample else split) in labelled
+        t_logits = predict(teachers, images, resolutions(t_info), cfg.eval, device, frames)
+        s_logits = predict(students, images, s_info["resolution"], cfg.eval, device, frames)
         for name, (extra, e_info) in extras.items():  # more students of the same run
-            e_logits = predict(extra, images, e_info["resolution"], cfg.eval, device)
-            metrics[f"students/{name}/{split}/prec@1"] = prec1(e_logits, labels)
+            e_logits = predict(extra, images, e_info["resolution"], cfg.eval, device, frames)
+            if has_labels:
+                metrics[f"students/{name}/{split}/prec@1"] = prec1(e_logits, labels)
             metrics.update({f"students/{name}/{split}/{k}": v for k, v in distances(e_logits, t_logits).items()})
-        metrics[f"teacher/{split}/prec@1"] = prec1(t_logits, labels)
-        metrics[f"student/{split}/prec@1"] = prec1(s_logits, labels)
+        if has_labels:
+            metrics[f"teacher/{split}/prec@1"] = prec1(t_logits, labels)
+            metrics[f"student/{split}/prec@1"] = prec1(s_logits, labels)
         metrics.update({f"student/{split}/{k}": v for k, v in distances(s_logits, t_logits).items()})
-        if split == "test":
+        if split == "test" and has_labels:
             confusion, per_class = class_metrics(s_logits.argmax(1), labels, classes)
             metrics.update(per_class)
     metrics["evaluate/wall_s"] = clock()
     passed, reason = gate(cfg, metrics)
     metrics["gate/passed"] = float(passed)
-    log.info(
-        "teacher test prec@1 %.4f, student %.4f, agree@1 %.4f",
-        metrics["teacher/test/prec@1"],
-        metrics["student/test/prec@1"],
-        metrics["student/test/agree@1"],
-    )
+    if "test" in labelled:
+        log.info(
+            "teacher test prec@1 %.4f, student %.4f, agree@1 %.4f",
+            metrics["teacher/test/prec@1"],
+            metrics["student/test/prec@1"],
+            metrics["student/test/agree@1"],
+        )
+    else:
+        log.info(
+            "no labels: student test agree@1 %.4f, agree@5 %.4f, KL(teacher ‖ student) %.4f",
+            metrics["student/test/agree@1"],
+            metrics["student/test/agree@5"],
+            metrics["student/test/kl"],
+        )
     return Evaluation(
         metrics,
         classes,

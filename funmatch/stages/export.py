@@ -32,6 +32,9 @@ from funmatch.storage import publish
 log = logging.getLogger(__name__)
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 RESULT_FILES = ("model.onnx", "model.json", "metrics.json")
+# the model card's figures; without labels (no prec@1) agreement with the teacher: agree@1, agree@5, KL
+CARD_METRICS = ("student/test/prec@1", "teacher/test/prec@1", "student/test/agree@1")
+LABEL_FREE_METRICS = ("student/test/agree@1", "student/test/agree@5", "student/test/kl")
 CHECK_IMAGES = 64
 
 
@@ -91,6 +94,7 @@ def model_card(cfg: Config, info: dict, metrics: dict) -> dict:
             "setup": info["setup"],
             "steps": info["steps"],
             "epochs": info["epochs"],
+            "budget": info.get("budget", ""),  # how the steps came about (distill.epochs=0: derived from the data)
             "stem_pool": info.get("stem_pool", "zero_pad"),  # max-pool padding: zero_pad | neg_inf_pad (big_vision)
         },
         "teacher": {
@@ -100,7 +104,7 @@ def model_card(cfg: Config, info: dict, metrics: dict) -> dict:
         },
         "metrics": {
             k: metrics[k]
-            for k in ("student/test/prec@1", "teacher/test/prec@1", "student/test/agree@1")
+            for k in (CARD_METRICS if "student/test/prec@1" in metrics else LABEL_FREE_METRICS)
             if k in metrics
         },
         "preset": cfg.preset,
@@ -156,6 +160,15 @@ class Export:
     def metadata(self) -> dict[str, Any]:
         """The Model artifact's metadata (KFP's UI and ML Metadata show it without opening a file)."""
         card, onnx = self.card, self.card["onnx"]
+        if "student/test/prec@1" not in self.metrics:  # data.labels=none: agreement with the teacher
+            figures: dict[str, float | None] = {
+                f"student_test_{k.rsplit('/', 1)[1].replace('@', '')}": self.metrics[k] for k in LABEL_FREE_METRICS
+            }
+        else:
+            figures = {
+                "student_test_prec1": self.metrics.get("student/test/prec@1"),
+                "teacher_test_prec1": self.metrics.get("teacher/test/prec@1"),
+            }
         return {
             "framework": onnx["producer"],
             "framework_version": onnx["producer_version"],
@@ -167,8 +180,7 @@ class Export:
             "output_shape": card["output"]["shape"],
             "num_classes": len(card["classes"]),
             "preprocessing": card["preprocessing"],
-            "student_test_prec1": self.metrics.get("student/test/prec@1"),
-            "teacher_test_prec1": self.metrics.get("teacher/test/prec@1"),
+            **figures,
             "onnx_max_abs_diff": self.metrics["export/onnx_max_abs_diff"],
             "config_hash": card["config_hash"],
             "serving": card["serving"],
@@ -199,7 +211,9 @@ def run(
     to_onnx(student, res, out / "model.onnx", cfg.export.opset)
 
     images, labels = prepared.load_split(dataset_dir, "test")
-    x = augment.eval_view(torch.from_numpy(images[:CHECK_IMAGES]), res, info["crop_pct"])
+    frames = prepared.load_frames(dataset_dir, "test")
+    check, check_frames = torch.from_numpy(images[:CHECK_IMAGES]), torch.from_numpy(frames[:CHECK_IMAGES])
+    x = augment.eval_view(check, res, info["crop_pct"], check_frames)
     (reference,), _ = models.load_bundle(student_dir, "cpu")  # unfolded: the model as trained
     diff = max_abs_diff(reference, out / "model.onnx", x)
     if diff > cfg.export.max_abs_diff:
@@ -214,7 +228,7 @@ def run(
         name = f"model-{e_info['arch']}-{e_info['resolution']}.onnx"
         to_onnx(extra, e_info["resolution"], out / name, cfg.export.opset)
         (reference,), _ = models.load_bundle(Path(student_dir) / sub, "cpu")
-        x_e = augment.eval_view(torch.from_numpy(images[:CHECK_IMAGES]), e_info["resolution"], e_info["crop_pct"])
+        x_e = augment.eval_view(check, e_info["resolution"], e_info["crop_pct"], check_frames)
         e_diff = max_abs_diff(reference, out / name, x_e)
         if e_diff > cfg.export.max_abs_diff:
             raise FunmatchError(
@@ -230,7 +244,7 @@ def run(
     int8_card = None
     if cfg.export.int8:
         int8_metrics, int8_card = quantize.export_int8(
-            cfg, dataset_dir, out, images, labels, res, info["crop_pct"], INPUT_NAME
+            cfg, dataset_dir, out, images, labels, res, info["crop_pct"], INPUT_NAME, frames
         )
         metrics.update(int8_metrics)
     metrics["export/wall_s"] = clock()

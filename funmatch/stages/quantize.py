@@ -45,8 +45,9 @@ class QuantizationError(FunmatchError):
 
 def calibration_images(
     dataset_dir: str | Path, n: int, split: str = "train", seed: int = CALIBRATION_SEED
-) -> np.ndarray:
-    """`n` images (N×S×S×3 uint8) drawn without replacement, seeded, from a split of the prepared dataset.
+) -> tuple[np.ndarray, np.ndarray]:
+    """(`n` images (N×S×S×3 uint8), their frames (N×2)) drawn without replacement, seeded, from a split of
+    the prepared dataset.
 
     Reads only the chosen images from memory-mapped shards, so it stays cheap on an ImageNet-sized
     artifact (whose train split need not be shuffled: folder sources are stored class by class).
@@ -55,19 +56,22 @@ def calibration_images(
     if len(source) == 0:
         raise DataError(f"{dataset_dir}: split {split!r} is empty, nothing to calibrate the INT8 model on")
     picks = np.sort(np.random.default_rng(seed).choice(len(source), size=min(n, len(source)), replace=False))
-    return source.gather(picks)
+    return source.gather(picks), source.frames(picks)
 
 
-def eval_batches(images_u8: np.ndarray, res: int, crop_pct: float, batch_size: int):
-    """Float32 NCHW batches of `images_u8` through the eval preprocessing (augment.eval_view)."""
+def eval_batches(images_u8: np.ndarray, res: int, crop_pct: float, batch_size: int, frames: np.ndarray | None = None):
+    """Float32 NCHW batches of `images_u8` through the eval preprocessing (augment.eval_view), each image
+    from its frame (`frames` N×2 (h, w); None: the whole canvas)."""
     for start in range(0, len(images_u8), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images_u8[start : start + batch_size]))
-        yield augment.eval_view(batch, res, crop_pct).numpy()
+        f = None if frames is None else torch.from_numpy(frames[start : start + batch_size])
+        yield augment.eval_view(batch, res, crop_pct, f).numpy()
 
 
 def calibration_batches(dataset_dir: str | Path, n: int, res: int, crop_pct: float) -> list[np.ndarray]:
     """`n` training images of the dataset artifact as eval views, in batches of CALIBRATION_BATCH."""
-    return list(eval_batches(calibration_images(dataset_dir, n), res, crop_pct, CALIBRATION_BATCH))
+    images, frames = calibration_images(dataset_dir, n)
+    return list(eval_batches(images, res, crop_pct, CALIBRATION_BATCH, frames))
 
 
 def _reader(input_name: str, batches: list[np.ndarray]):
@@ -165,10 +169,12 @@ def session(path: str | Path, threads: int = 0):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def ort_logits(sess, images_u8: np.ndarray, res: int, crop_pct: float, batch_size: int) -> np.ndarray:
-    """Logits of an ONNX session on uint8 NHWC images through the eval preprocessing."""
+def ort_logits(
+    sess, images_u8: np.ndarray, res: int, crop_pct: float, batch_size: int, frames: np.ndarray | None = None
+) -> np.ndarray:
+    """Logits of an ONNX session on uint8 NHWC images (with their `frames`) through the eval preprocessing."""
     name = sess.get_inputs()[0].name
-    out = [sess.run(None, {name: x})[0] for x in eval_batches(images_u8, res, crop_pct, batch_size)]
+    out = [sess.run(None, {name: x})[0] for x in eval_batches(images_u8, res, crop_pct, batch_size, frames)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -195,9 +201,11 @@ def export_int8(
     res: int,
     crop_pct: float,
     input_name: str = "image",
+    test_frames: np.ndarray | None = None,
 ) -> tuple[dict, dict | None]:
-    """Quantizes `out_dir`/model.onnx, measures fp32 and INT8 test prec@1 with onnxruntime and writes
-    model.int8.onnx into `out_dir` only when it loses at most `export.max_int8_drop`.
+    """Quantizes `out_dir`/model.onnx, measures fp32 and INT8 test prec@1 with onnxruntime (on the test
+    images' frames `test_frames`; None: whole canvases) and writes model.int8.onnx into `out_dir` only when
+    it loses at most `export.max_int8_drop`.
 
     Returns (flat metrics, the model card's `int8` entry or None when refused). A refusal is recorded
     in the metrics (`export/int8_refused`), never raised: the fp32 export stands on its own.
@@ -212,8 +220,9 @@ def export_int8(
             log.warning("INT8 model not published: %s", e)
             return {"export/int8_refused": str(e)}, None
         threads = cfg.runtime.num_threads
-        fp32 = ort_logits(session(out / "model.onnx", threads), test_images, res, crop_pct, cfg.eval.batch_size)
-        int8 = ort_logits(session(candidate, threads), test_images, res, crop_pct, cfg.eval.batch_size)
+        batch = cfg.eval.batch_size
+        fp32 = ort_logits(session(out / "model.onnx", threads), test_images, res, crop_pct, batch, test_frames)
+        int8 = ort_logits(session(candidate, threads), test_images, res, crop_pct, batch, test_frames)
         metrics: dict = {
             "export/int8_bytes": info["bytes"],
             "export/int8/quantize_s": info["seconds"],

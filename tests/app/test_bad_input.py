@@ -128,7 +128,7 @@ def test_unusable_files_are_refused_with_their_kind(blob, kind, words):
 
 def test_bomb_limit_is_the_configured_one():
     blob = _bytes(_noise(200, 100), "PNG")
-    assert sources.decode_image(blob, 8, 200 * 100).shape == (8, 8, 3)  # exactly at the limit: fine
+    assert sources.decode_image(blob, 8, 200 * 100).shape == (4, 8, 3)  # exactly at the limit: fine
     with pytest.raises(sources.BadImage, match="more pixels than data.max_image_pixels=19999"):
         sources.decode_image(blob, 8, 200 * 100 - 1)
 
@@ -172,9 +172,11 @@ def test_palette_png_transparency_is_composited_over_white():
     assert (out[:, 18:] == (0, 0, 255)).all()
 
 
-def test_one_pixel_image_fills_the_stored_square():
+def test_one_pixel_image_is_kept_whole_not_upscaled():
     out = sources.decode_image(one_pixel(), 16, 10**7)
-    assert out.shape == (16, 16, 3) and (out == (10, 200, 30)).all()
+    assert out.shape == (1, 1, 3) and (out == (10, 200, 30)).all()
+    canvas, frames = sources.letterbox([out], 16)
+    assert frames.tolist() == [[1, 1]] and (canvas[0, 0, 0] == (10, 200, 30)).all() and canvas[0, 1:].max() == 0
 
 
 # ---------------------------------------------------------------- quarantine

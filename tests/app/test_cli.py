@@ -16,6 +16,7 @@ from funmatch.app import cli
         (["run", "--set", "data.source=/no/such/dir"], ["/no/such/dir"]),
         (["run", "--set", "distill.setup=teleport"], ["teleport"]),
         (["run", "--set", "teacher.init=/no/teacher.npz"], ["teacher.init", "/no/teacher.npz"]),
+        (["run", "--set", "teacher.arch=timm:resnet10"], ["teacher.arch", "did you mean timm:resnet10t"]),
         (["compile", "--set", "student.resolution=33", "--output", "x.yaml"], ["student.resolution", "33"]),
     ],
 )

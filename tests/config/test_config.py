@@ -63,11 +63,11 @@ def test_preset_inherits_base():
         ("distill.batch_size=2.5", ["distill.batch_size", "integer"]),
         ("teacher.finetune=maybe", ["teacher.finetune", "true or false"]),
         ("distill.setup=teleport", ["teleport", "funmatch"]),
-        ("distill.epochs=0", ["distill.epochs", "positive"]),
+        ("distill.epochs=-2", ["distill.epochs", "0 (derived from the train-set size)", "positive"]),
         ("distill.batch_size=-4", ["distill.batch_size", "positive"]),
         ("student.resolution=100", ["student.resolution", "multiple of 32"]),
         ("teacher.arch=bit-r152x3", ["teacher.arch", "bit-r152x2"]),
-        ("teacher.init=weights.pt", ["teacher.init", ".npz"]),
+        ("teacher.init=weights.pkl", ["teacher.init", ".npz", ".pt"]),
         ("distill.crop_min_area=0", ["distill.crop_min_area"]),
         ("novalue", ["KEY=VALUE"]),
         ("data.encoding=png", ["data.encoding", "'png'", "raw or jpeg"]),
@@ -133,3 +133,33 @@ def test_describe_presets_is_json():
     assert {"demo", "demo-tiny"} <= set(d)
     json.dumps(d)
     assert d["demo"]["expected"]["metric"] == "student/test/prec@1"
+
+
+def test_label_free_and_out_of_domain_keys():
+    """data.labels, teacher.classes and distill.images keep every existing hash at their defaults, change it
+    when set, and need a given teacher (one line); gate.min_agreement is a fraction."""
+    demo = config.load("demo")
+    assert (demo.data.labels, demo.teacher.classes, demo.distill.images, demo.gate.min_agreement) == (
+        "folders",
+        "",
+        "",
+        0.9,
+    )
+    given = ["teacher.init=t.safetensors", "teacher.finetune=false"]
+    base = config.load("demo", given).hash()
+    for item in ("data.labels=none", "teacher.classes=c.txt", "distill.images=/data/food"):
+        assert config.load("demo", [*given, item]).hash() != base, item
+    for item in ("data.labels=none", "distill.images=/data/food"):
+        with pytest.raises(ConfigError, match=r"is not allowed: expected a given teacher \(teacher\.init") as e:
+            config.load("demo", [item])
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^data\.labels='some' is not allowed: expected one of folders, none$"):
+        config.load("demo", ["data.labels=some"])
+    with pytest.raises(ConfigError, match=r"^distill\.images='/x' is not allowed: expected empty when data\.labels"):
+        config.load("demo", [*given, "data.labels=none", "distill.images=/x"])
+    with pytest.raises(ConfigError, match=r"^gate\.min_agreement=1\.5 is not allowed"):
+        config.load("demo", ["gate.min_agreement=1.5"])
+    ood = config.load("pets-on-food101")
+    assert (ood.data.source, ood.distill.images, ood.teacher.finetune) == ("pets", "food101", False)
+    smoke = config.load("pets-on-food101", ["smoke=true"])  # the tiny variant trains its teacher: in-domain
+    assert (smoke.distill.images, smoke.teacher.finetune) == ("", True)

@@ -7,6 +7,7 @@ from PIL import Image
 
 from funmatch import config
 from funmatch.data import prepared, sources
+from funmatch.data import splits as tfds_splits
 from funmatch.errors import DataError
 from funmatch.stages import prepare
 
@@ -49,7 +50,7 @@ def test_decode_converts_every_mode_to_rgb_at_stored_size():
         buf = io.BytesIO()
         img.save(buf, "TIFF" if mode in ("CMYK", "LA", "I;16") else "PNG")
         out = sources.decode_image(buf.getvalue(), 24, 10**7)
-        assert out.shape == (24, 24, 3) and out.dtype == np.uint8
+        assert out.shape == (18, 24, 3) and out.dtype == np.uint8  # 40×30: long side to 24, aspect kept
         assert out.max() > 50  # 16-bit scaled down, not clipped to black/white
 
 
@@ -185,3 +186,30 @@ def test_batch_indices_are_a_pure_function_of_the_step():
     assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
     assert (prepared.batch_indices(3, b, n, seed=3) == prepared.batch_indices(3, b, n, seed=3)).all()
     assert not (prepared.batch_indices(0, b, n, seed=3) == prepared.batch_indices(0, b, n, seed=4)).all()
+
+
+def test_unlabelled_sources_drop_labels(tmp_path):
+    """distill.images / data.labels=none: the demo's and a named dataset's train images, or every image below
+    a folder (any depth, no class folders), all labelled NO_LABEL; a folder without images is one line."""
+    demo = sources.unlabelled_source("demo")
+    images, labels = demo.arrays["all"]
+    assert demo.classes == [] and len(images) == 8000 and (labels == prepared.NO_LABEL).all()
+    food = tmp_path / "food-101"  # torchvision's Food101 layout, one train and one test image per class
+    (food / "meta").mkdir(parents=True)
+    names = tfds_splits.food101_labels()
+    for split in ("train", "test"):
+        (food / "meta" / f"{split}.json").write_text(json.dumps({c: [f"{c}/{split}1"] for c in names}))
+    named = sources.unlabelled_source("food101", str(tmp_path), key="distill.images")
+    train = sources.open_source("food101", str(tmp_path)).files["train"]  # TFDS train[:90%]
+    assert named.files["all"] == [(f, prepared.NO_LABEL) for f, _ in train] and len(train) == 91
+    (tmp_path / "pics" / "deep" / "er").mkdir(parents=True)
+    for rel in ("top.png", "deep/er/low.JPG"):
+        Image.new("RGB", (5, 7)).save(tmp_path / "pics" / rel, format="PNG" if rel.endswith("png") else "JPEG")
+    (tmp_path / "pics" / "readme.txt").write_text("x")
+    folder = sources.unlabelled_source(str(tmp_path / "pics"))
+    assert sorted(f.rsplit("/", 1)[1] for f, _ in folder.files["all"]) == ["low.JPG", "top.png"]
+    with pytest.raises(DataError, match=r"^distill\.images='.*empty' holds no images \(expected files ending in"):
+        (tmp_path / "empty").mkdir()
+        sources.unlabelled_source(str(tmp_path / "empty"), key="distill.images")
+    with pytest.raises(DataError, match=r"^distill\.images='/nowhere' does not exist"):
+        sources.unlabelled_source("/nowhere", key="distill.images")

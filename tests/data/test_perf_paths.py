@@ -71,9 +71,11 @@ def test_streamed_loader_gives_the_resident_batches(jpeg_dataset, setup, shard):
     on_device = make(resident_max_gb=0.0, workers=1, jpeg_decode="device")
     assert resident.resident is not None and streamed.resident is None and on_device.decode_on_device
     expected = list(resident.iterate(5, 9))
-    assert len(expected) == 4 and len(expected[0]) == len(rows)
+    assert len(expected) == 4 and len(expected[0][0]) == len(expected[0][1]) == len(rows)
     for got in (list(streamed.iterate(5, 9)), list(on_device.iterate(5, 9))):
-        assert len(got) == 4 and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+        assert len(got) == 4
+        for (images, frames), (want_images, want_frames) in zip(got, expected, strict=True):
+            assert torch.equal(images, want_images) and torch.equal(frames, want_frames)
 
 
 def test_shard_rows_views_equal_global_batch_views(jpeg_dataset):
@@ -257,7 +259,8 @@ def test_teacher_finetune_streams_like_resident(tmp_path, jpeg_dataset):
 def test_int8_calibration_reads_jpeg_shards(jpeg_dataset):
     from funmatch.stages import quantize
 
-    images = quantize.calibration_images(jpeg_dataset, 40)
+    images, frames = quantize.calibration_images(jpeg_dataset, 40)
     full, _ = prepared.load_split(jpeg_dataset, "train")
     picks = np.sort(np.random.default_rng(quantize.CALIBRATION_SEED).choice(len(full), 40, replace=False))
     assert np.array_equal(images, full[picks])
+    assert np.array_equal(frames, prepared.load_frames(jpeg_dataset, "train")[picks])
