@@ -39,6 +39,7 @@ _CACHED = re.compile(rf"Task {_TASK} cache hit")
 _PROGRESS = re.compile(r"^\s*(?P<label>[\w -]+):\s+\d+%\|")
 _ERROR = re.compile(r"^\s*(?:\w+\.)*(?P<kind>[A-Z]\w*): (?P<message>.+)$")  # a traceback's last line
 _WARNING = re.compile(r"\bWARNING\b|\w+Warning: ")
+_KFP_PREFIX = re.compile(r"^\[KFP Executor [^\]]*\]:\s*")  # kfp.local's "[KFP Executor <time> WARNING]: "
 
 
 class Console:
@@ -81,12 +82,12 @@ class Console:
             self.errors[self.task] = m["message"].strip()
         elif self.task and _PROGRESS.match(line):
             self._show(f"  {self.task:<20} {line.strip()}", final=False)
-        elif _WARNING.search(line):
-            self._show(f"  warning: {line.strip()[: self.width - 11]}", final=True)
+        elif _WARNING.search(line):  # shown whole: a warning says what to change
+            self._show(f"  warning: {_KFP_PREFIX.sub('', line.strip())}", final=True, whole=True)
 
-    def _show(self, text: str, final: bool) -> None:
+    def _show(self, text: str, final: bool, whole: bool = False) -> None:
         if self.live:
-            self.out.write("\r\x1b[K" + text[: self.width] + ("\n" if final else ""))
+            self.out.write("\r\x1b[K" + (text if whole else text[: self.width]) + ("\n" if final else ""))
         elif final:
             self.out.write(text + "\n")
         self.out.flush()
