@@ -169,6 +169,10 @@ def load_init(model: nn.Module, arch: str, path: str, *, load_head: bool) -> Non
     model.load_state_dict({k: state[k] for k in wanted}, strict=False)
 
 
+# where a training checkpoint keeps the model's weights, in the order timm's load_state_dict looks (EMA first)
+CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a local `.safetensors` file or PyTorch state dict (`.pt/.pth/.bin`, loaded with
     weights_only=True: a file that needs full unpickling is refused, not run); CheckpointError otherwise."""
@@ -189,11 +193,17 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         if needs:
             raise CheckpointError(
                 f"{path} needs full unpickling (it holds {needs[1]}: a whole model saved with torch.save(model)?), "
-                "which is refused: save model.state_dict() with torch.save, or a .safetensors file"
+                "which is refused: save model.state_dict() with torch.save, or a .safetensors file (from a "
+                "training checkpoint you trust: torch.save(torch.load(f, weights_only=False)['state_dict'], "
+                "'teacher.pt'))"
             ) from e
         # the weights-only loader's own first line suggests weights_only=False: not to be repeated here
         detail = "corrupt, or not torch.save's" if "Weights only load failed" in str(e) else _first_line(e)
         raise CheckpointError(f"{path}: not a readable PyTorch state dict ({detail})") from e
+    if isinstance(state, dict):  # a training checkpoint of tensors only: its model weights, as timm reads them
+        state = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict)), state)
+        if state and all(isinstance(k, str) and k.startswith("module.") for k in state):  # saved from DDP
+            state = {k.removeprefix("module."): v for k, v in state.items()}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
             f"{path}: holds a {type(state).__name__}, not a state dict of tensors: save model.state_dict()"

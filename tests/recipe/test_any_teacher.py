@@ -161,6 +161,18 @@ def test_unreadable_state_dicts_are_one_line_without_unpickling(tmp_path):
     assert not marker.exists()
 
 
+def test_training_checkpoints_of_tensors_give_their_model_weights(tmp_path):
+    """timm's train.py / DDP layouts: {'state_dict': ..., 'state_dict_ema': ...}, 'module.' prefixes."""
+    weights = TinyConvNet().state_dict()
+    ema = {k: v + 1 for k, v in weights.items()}
+    torch.save({"epoch": torch.tensor(3), "state_dict": weights, "state_dict_ema": ema}, tmp_path / "ckpt.pth")
+    torch.save({"model": {f"module.{k}": v for k, v in weights.items()}}, tmp_path / "ddp.pt")
+    got = models.read_state_dict(str(tmp_path / "ckpt.pth"))
+    assert got.keys() == ema.keys() and all(torch.equal(got[k], ema[k]) for k in ema)  # EMA first, as timm
+    got = models.read_state_dict(str(tmp_path / "ddp.pt"))
+    assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
+
+
 def test_config_checks_timm_names_and_onnx_teachers():
     with pytest.raises(
         ConfigError, match=r"teacher.arch='timm:resnet10' is not a timm architecture; did you mean timm:resnet10t"
