@@ -194,8 +194,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{path} needs full unpickling (it holds {needs[1]}: a whole model saved with torch.save(model)?), "
                 "which is refused: save model.state_dict() with torch.save, or a .safetensors file (from a "
-                "training checkpoint you trust: torch.save(torch.load(f, weights_only=False)['state_dict'], "
-                "'teacher.pt'))"
+                "training checkpoint you trust: load it yourself and torch.save its ['state_dict'])"
             ) from e
         # the weights-only loader's own first line suggests weights_only=False: not to be repeated here
         detail = "corrupt, or not torch.save's" if "Weights only load failed" in str(e) else _first_line(e)
